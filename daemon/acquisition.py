@@ -1,0 +1,176 @@
+"""Acquisition: pop every frame from the core and hand it to the archive and the rest.
+
+The archive must accept every frame (its queue has the FAIL policy); if it
+cannot, acquisition stops with `AcquisitionError`. Other consumers drop by
+their own policies and never slow this loop down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .frame import Frame, freeze
+from .metrics import StageCounters
+from .stage import QueueFullError, Stage, StageFailedError
+
+log = logging.getLogger(__name__)
+
+
+class AcquisitionError(RuntimeError):
+    """Acquisition stopped because a raw frame could not be kept, or the camera failed."""
+
+
+def _md_dict(md: Any) -> dict[str, str]:
+    if isinstance(md, Mapping):
+        return {str(k): str(v) for k, v in md.items()}
+    try:  # pymmcore.Metadata
+        return {k: md.GetSingleTag(k).GetValue() for k in md.GetKeys()}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+class Acquisition:
+    """Runs the core's sequence acquisition on its own thread and fans frames out."""
+
+    name = "acquisition"
+
+    def __init__(self, source: Any, archive: Stage, consumers: list[Stage], *,
+                 poll_sleep_s: float, max_frames: int | None = None,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.source = source
+        self.archive = archive
+        self.consumers = consumers
+        self.poll_sleep_s = poll_sleep_s
+        self.max_frames = max_frames
+        self.counters = StageCounters()
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self._stop = threading.Event()
+        self._on_error = on_error
+        self._thread: threading.Thread | None = None
+        self._last_image_number: int | None = None
+        self.started_mono: float | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dimscope-acquisition",
+                                        daemon=True)
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def snapshot(self) -> dict[str, object]:
+        snap: dict[str, object] = dict(self.counters.snapshot(0, 0))
+        if self.error is not None:
+            snap["error"] = str(self.error)
+        return snap
+
+    # -----------------------------------------------------------------------
+    def _run(self) -> None:
+        core = self.source.core
+        try:
+            if core.getShutterDevice() and core.getAutoShutter():
+                core.setShutterOpen(True)
+            if self.max_frames is not None:
+                core.startSequenceAcquisition(self.max_frames, 0.0, True)
+            else:
+                core.startContinuousSequenceAcquisition(0.0)
+            self.started_mono = time.monotonic()
+            self._loop(core)
+        except BaseException as exc:  # noqa: BLE001 - reported through on_error
+            self.error = exc
+            log.error("acquisition stopped: %s", exc)
+            if self._on_error is not None:
+                self._on_error(exc)
+        finally:
+            try:
+                if core.isSequenceRunning():
+                    core.stopSequenceAcquisition()
+                # Frames the camera delivered before the stop are raw data too.
+                if self.error is None:
+                    self._drain(core)
+            except BaseException as exc:  # noqa: BLE001
+                if self.error is None:
+                    self.error = exc
+                    if self._on_error is not None:
+                        self._on_error(exc)
+            finally:
+                try:
+                    if core.getShutterDevice() and core.getAutoShutter():
+                        core.setShutterOpen(False)
+                except Exception:  # noqa: BLE001
+                    log.warning("could not close the shutter after acquisition")
+                self.finished.set()
+
+    def _loop(self, core: Any) -> None:
+        while not self._stop.is_set():
+            if core.getRemainingImageCount() > 0:
+                self._pop_one(core)
+                continue
+            if core.isBufferOverflowed():
+                raise AcquisitionError("the core's circular buffer overflowed: frames were "
+                                       "lost before dimscope could pop them")
+            if not core.isSequenceRunning():
+                if self.max_frames is not None and self.counters.received >= self.max_frames:
+                    return
+                if core.getRemainingImageCount() == 0:
+                    raise AcquisitionError(
+                        f"the camera stopped delivering frames after {self.counters.received}"
+                        + (f" of {self.max_frames}" if self.max_frames else ""))
+                continue
+            time.sleep(self.poll_sleep_s)  # a busy spin would starve a Python camera
+
+    def _drain(self, core: Any) -> None:
+        while core.getRemainingImageCount() > 0:
+            self._pop_one(core)
+        if core.isBufferOverflowed():
+            raise AcquisitionError("the core's circular buffer overflowed: frames were lost")
+
+    def _pop_one(self, core: Any) -> None:
+        pixels, md = core.popNextImageAndMD()
+        mono, unix = time.monotonic_ns(), time.time_ns()
+        meta = _md_dict(md)
+        self._check_sequence(meta)
+        try:
+            exposure = float(meta.get("Exposure-ms", "nan"))
+        except ValueError:
+            exposure = float("nan")
+        if exposure != exposure:  # NaN: camera did not tag it
+            exposure = float(core.getExposure())
+        frame = Frame(
+            frame_id=self.counters.received, pixels=freeze(pixels), acquired_unix_ns=unix,
+            exposure_ms=exposure, pixel_size_um=self.source.pixel_size_um,
+            source=self.source.name, metadata=meta, marks=(("acquired", mono),),
+        )
+        self.counters.received += 1
+        try:
+            self.archive.offer(frame)
+        except (QueueFullError, StageFailedError) as exc:
+            raise AcquisitionError(f"raw frame {frame.frame_id} could not be archived: {exc}"
+                                   ) from exc
+        for consumer in self.consumers:
+            try:
+                consumer.offer(frame)
+            except StageFailedError:
+                pass  # a failed viewer/engine stage reports itself; raw data is unaffected
+        self.counters.passed += 1
+
+    def _check_sequence(self, meta: Mapping[str, str]) -> None:
+        """The core numbers images; a jump means it lost frames we never saw."""
+        number = meta.get("ImageNumber")
+        if number is None:
+            return
+        n = int(number)
+        last = self._last_image_number
+        self._last_image_number = n
+        if last is not None and n > last + 1:
+            raise AcquisitionError(f"the core skipped {n - last - 1} frame(s) between image "
+                                   f"numbers {last} and {n}: its buffer overwrote them")

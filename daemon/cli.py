@@ -1,0 +1,253 @@
+"""`dimscope` command line: run, subscribe, check-config, recover."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _fmt_status(p: Any) -> str:
+    s = p.summary()
+    st = s["stages"]
+    depth = " ".join(f"{k}:{v.get('depth', 0)}" for k, v in st.items() if k != "acquisition")
+    drops = sum(int(v.get("dropped", 0)) for v in st.values())
+    lat = s["latency_ms"].get("enhanced") or s["latency_ms"].get("raw") or {}
+    eng = s["latency_ms"].get("engine") or {}
+    return (f"{s['elapsed_s']:7.1f}s  acq {s['acquired']:>7d} ({s['fps']:6.1f} fps)  "
+            f"arch {s['archived']:>7d}  enh {s['enhanced']:>7d}  drop {drops:>5d}  "
+            f"q[{depth}]  engine p50 {eng.get('p50', 0):5.1f} ms  "
+            f"e2e p50 {lat.get('p50', 0):5.1f} p99 {lat.get('p99', 0):5.1f} ms")
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    out = sys.stdout
+    print("\n== dimscope run summary ==", file=out)
+    print(f"source {s['source']}  engine {s['engine']}  {s['elapsed_s']:.1f} s  "
+          f"{s['fps']:.1f} frames/s", file=out)
+    print(f"acquired {s['acquired']}  archived {s['archived']}  enhanced {s['enhanced']}  "
+          f"published {s['published']}", file=out)
+    print(f"{'stage':<18}{'received':>10}{'passed':>10}{'dropped':>10}{'late':>8}"
+          f"{'errors':>8}{'max q':>7}", file=out)
+    for name, v in s["stages"].items():
+        print(f"{name:<18}{v.get('received', 0):>10}{v.get('passed', 0):>10}"
+              f"{v.get('dropped', 0):>10}{v.get('late', 0):>8}{v.get('errors', 0):>8}"
+              f"{v.get('max_depth', 0):>7}", file=out)
+    for topic, lat in s["latency_ms"].items():
+        if lat.get("n"):
+            what = "processing" if topic == "engine" else "acquisition -> publish"
+            print(f"latency {topic:<9} ({what}): p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms"
+                  f"  max {lat['max']:.2f} ms", file=out)
+    print(f"archive: {s['run_dir']}", file=out)
+    if s.get("error"):
+        print(f"ERROR: {s['error']}", file=out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dimscope.drivers import SourceError
+    from dimscope.engines import EngineError
+
+    from .config import ConfigError, load_config
+    from .pipeline import Pipeline
+
+    try:
+        config = load_config(args.config)
+        if args.engine is not None:
+            from dimscope.engines import available_engines
+
+            if args.engine not in available_engines():
+                raise EngineError(f"unknown engine {args.engine!r}; available: "
+                                  f"{', '.join(sorted(available_engines()))}")
+        pipeline = Pipeline(config, out_dir=args.out, engine=args.engine)
+    except (ConfigError, EngineError) as exc:
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def _stop(signum: int, _frame: Any) -> None:
+        print(f"\ndimscope: {signal.Signals(signum).name} received, stopping (draining queues)",
+              file=sys.stderr)
+        pipeline.request_stop()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        pipeline.start(max_frames=args.frames)
+    except (SourceError, EngineError, OSError) as exc:
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    tty = sys.stderr.isatty()
+    print(f"dimscope {__version__}: {pipeline.source.name} -> engine {pipeline.engine_name}; "
+          f"publishing on {config.publish.address}; archiving to {pipeline.run_dir}",
+          file=sys.stderr)
+    last_line = [time.monotonic()]
+
+    def tick(p: Any) -> None:
+        if args.quiet:
+            return
+        if tty:
+            print("\r" + _fmt_status(p), end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - last_line[0] >= 5.0:
+            print(_fmt_status(p), file=sys.stderr, flush=True)
+            last_line[0] = time.monotonic()
+
+    pipeline.wait(duration_s=args.duration, on_tick=tick)
+    summary = pipeline.stop()
+    if tty and not args.quiet:
+        print(file=sys.stderr)
+    _print_summary(summary)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return EXIT_RUN_FAILED if summary.get("error") else EXIT_OK
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    import numpy as np
+    import tifffile
+
+    from .client import Subscriber
+
+    topics = [args.topic] if args.topic else ["raw", "enhanced"]
+    saved: list[np.ndarray] = []
+    ids: list[dict[str, Any]] = []
+    interrupted = False
+
+    def _stop(_signum: int, _frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    n = 0
+    with Subscriber(args.address, topics=topics) as sub:
+        while not interrupted and (args.count is None or n < args.count):
+            msg = sub.recv(timeout_s=0.2)
+            if msg is None:
+                if args.timeout is not None and sub.received == {} and n == 0:
+                    args.timeout -= 0.2
+                    if args.timeout <= 0:
+                        print(f"dimscope: no frames from {args.address} within the timeout",
+                              file=sys.stderr)
+                        return EXIT_RUN_FAILED
+                continue
+            n += 1
+            h = msg.header
+            lat = h["latency_ms"].get("total", float("nan"))
+            engine = h["engine"]["name"] if h.get("engine") else "-"
+            gap = f"  GAP {msg.gap}" if msg.gap else ""
+            print(f"{msg.topic:<9} frame {h['frame_id']:>7} seq {h['seq']:>7} "
+                  f"{'x'.join(map(str, h['shape']))} {h['dtype']} engine {engine} "
+                  f"latency {lat:6.2f} ms{gap}", flush=True)
+            if args.save:
+                saved.append(np.array(msg.pixels))
+                ids.append({"topic": msg.topic, "frame_id": h["frame_id"], "seq": h["seq"]})
+    if args.save and saved:
+        shapes = {a.shape for a in saved}
+        if len(shapes) > 1:
+            print("dimscope: frames of different shapes; save one topic at a time (--topic)",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+        tifffile.imwrite(args.save, np.stack(saved), metadata={"axes": "TYX"})
+        sidecar = Path(str(args.save) + ".frames.json")
+        sidecar.write_text(json.dumps(ids))
+        print(f"saved {len(saved)} frames to {args.save} (frame ids in {sidecar})",
+              file=sys.stderr)
+    total_gaps = sum(sub.gaps.values())
+    if total_gaps:
+        print(f"dimscope: {total_gaps} frame(s) missed (gaps in seq)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{args.config}: OK (source {cfg.source.kind}, engine {cfg.engine.name}, "
+          f"publish {cfg.publish.address}, archive {cfg.archive.out_dir})")
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .archive import recover_run
+
+    try:
+        report = recover_run(args.run_dir)
+    except FileNotFoundError as exc:
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for out in report.outputs:
+        print(f"wrote {out}")
+    print(f"recovered {report.recovered} frame(s) from {report.run_dir}"
+          + (f"; {report.unreadable_index_lines} torn index line(s) skipped"
+             if report.unreadable_index_lines else "")
+          + (f"; MISSING pixel data for frames {report.missing_frames}"
+             if report.missing_frames else ""))
+    return EXIT_RUN_FAILED if report.missing_frames else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dimscope", description=(
+        "Live low-light enhancement beside a Micro-Manager microscope: every raw frame "
+        "archived, enhanced frames published over ZeroMQ."))
+    p.add_argument("--version", action="version", version=f"dimscope {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="acquire, archive, enhance and publish (foreground)")
+    r.add_argument("-c", "--config", type=Path, default=None,
+                   help="TOML config (default: the embedded simulated microscope)")
+    lim = r.add_mutually_exclusive_group()
+    lim.add_argument("--frames", type=int, default=None, help="stop after N frames")
+    lim.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    r.add_argument("--out", type=Path, default=None, help="parent folder of the run folder")
+    r.add_argument("--engine", default=None, help="engine name (overrides the config)")
+    r.add_argument("--summary-json", type=Path, default=None, help="write the summary as JSON")
+    r.add_argument("-q", "--quiet", action="store_true", help="no live status line")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("subscribe", help="print (and optionally save) published frames")
+    s.add_argument("--address", default="tcp://127.0.0.1:5555")
+    s.add_argument("--topic", choices=["raw", "enhanced"], default=None)
+    s.add_argument("--count", type=int, default=None)
+    s.add_argument("--timeout", type=float, default=None,
+                   help="give up if no frame arrives within S seconds")
+    s.add_argument("--save", type=Path, default=None, help="save received frames to a TIFF")
+    s.set_defaults(func=cmd_subscribe)
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("config", type=Path)
+    c.set_defaults(func=cmd_check_config)
+
+    rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
+    rc.add_argument("run_dir", type=Path)
+    rc.set_defaults(func=cmd_recover)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pymmcore-plus logs every device load at DEBUG to stderr by default.
+    logging.getLogger("pymmcore-plus").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if getattr(args, "frames", None) is not None and args.frames < 1:
+        print("dimscope: --frames must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The one frame type that flows through every stage of the pipeline.
+
+A `Frame` is immutable: stages derive new frames with `replace()` / `marked()`
+instead of mutating, because one raw frame is shared by the archive, the
+engine stage and the raw publisher at the same time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from dimscope.engines.base import EngineInfo
+
+FrameKind = Literal["raw", "enhanced", "interpolated"]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """Pixels plus everything needed to say what they are.
+
+    Timestamps: `acquired_unix_ns` is wall-clock (comparable across machines
+    with synchronised clocks); `marks` are `time.monotonic_ns()` stamps taken
+    in this process, used for per-stage latency.
+    """
+
+    frame_id: int
+    pixels: np.ndarray
+    acquired_unix_ns: int
+    exposure_ms: float
+    pixel_size_um: float
+    source: str
+    kind: FrameKind = "raw"
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    engine: EngineInfo | None = None
+    source_ids: tuple[int, ...] = ()
+    # (stage name, monotonic ns) in the order the frame passed the stages.
+    marks: tuple[tuple[str, int], ...] = ()
+    # MDA indices such as {"t": 3, "c": 0, "z": 1} when acquired by a sequence.
+    mda_index: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape)
+
+    @property
+    def dtype(self) -> np.dtype[np.generic]:
+        return self.pixels.dtype
+
+    def marked(self, stage: str, at_ns: int | None = None) -> Frame:
+        """A copy with a latency mark appended (pixels are shared, not copied)."""
+        stamp = time.monotonic_ns() if at_ns is None else at_ns
+        return dataclasses.replace(self, marks=(*self.marks, (stage, stamp)))
+
+    def replace(self, **changes: object) -> Frame:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def latency_ms(self, until_ns: int | None = None) -> dict[str, float]:
+        """Per-stage latency: time from each mark to the next, plus `total`.
+
+        Key names are the later mark of each interval, e.g. the time between
+        `acquired` and `engine_start` is reported as `engine_start`.
+        """
+        out: dict[str, float] = {}
+        if not self.marks:
+            return out
+        for (_, t0), (name, t1) in zip(self.marks, self.marks[1:], strict=False):
+            out[name] = (t1 - t0) / 1e6
+        end = self.marks[-1][1] if until_ns is None else until_ns
+        out["total"] = (end - self.marks[0][1]) / 1e6
+        return out
+
+
+def freeze(pixels: np.ndarray) -> np.ndarray:
+    """Make pixels C-contiguous and read-only so no stage can alter raw data."""
+    arr = np.ascontiguousarray(pixels)
+    arr.flags.writeable = False
+    return arr

@@ -1,0 +1,256 @@
+"""Wires a source, the stages and the publisher into one running pipeline.
+
+    core ──acquisition──┬─> archive (FAIL: never drops)
+                        ├─> publish_raw (DROP_OLDEST)
+                        └─> engine (DROP_OLDEST, newest frame) ─> publish_enhanced
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from psygnal import Signal
+
+from dimscope.drivers import SourceError, make_source
+from dimscope.engines import CameraCalibration, EngineError, make_engine
+
+from . import __version__
+from .acquisition import Acquisition
+from .archive import RawArchive
+from .config import Config
+from .engine_stage import EngineStage
+from .publisher import PublishSocket, PublishStage
+from .stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run stopped on an error that put raw data at risk."""
+
+
+def _calibration(source: Any) -> CameraCalibration:
+    cfg = getattr(source, "cfg", None)
+    kind = getattr(cfg, "kind", None)
+    if kind == "sim" or (kind == "replay" and cfg.photons is not None):
+        return CameraCalibration(cfg.gain_adu_per_e, cfg.offset_adu, cfg.read_noise_e)
+    return CameraCalibration()
+
+
+def _calibration_from_options(options: dict[str, Any], default: CameraCalibration
+                              ) -> tuple[CameraCalibration, dict[str, Any]]:
+    opts = dict(options)
+    cal = CameraCalibration(
+        gain_adu_per_e=float(opts.pop("gain_adu_per_e", default.gain_adu_per_e)),
+        offset_adu=float(opts.pop("offset_adu", default.offset_adu)),
+        read_noise_e=float(opts.pop("read_noise_e", default.read_noise_e)),
+    )
+    return cal, opts
+
+
+class Pipeline:
+    """One run: open the source, start the stages, acquire, stop cleanly, summarise."""
+
+    failed = Signal(str)  # emitted (from a worker thread) when the run must stop
+    finished = Signal()
+
+    def __init__(self, config: Config, *, out_dir: Path | None = None,
+                 engine: str | None = None) -> None:
+        self.config = config
+        self.engine_name = engine or config.engine.name
+        self.out_dir = Path(out_dir) if out_dir is not None else config.archive.out_dir
+        self.source = make_source(config.source)
+        self.run_dir: Path | None = None
+        self.stages: list[Stage] = []
+        self.acquisition: Acquisition | None = None
+        self.socket: PublishSocket | None = None
+        self.error: str | None = None
+        self._stop_requested = threading.Event()
+        self._started_mono = 0.0
+        self._stopped_mono: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self, max_frames: int | None = None) -> None:
+        cfg = self.config
+        engine = make_engine(self.engine_name, **{
+            k: v for k, v in cfg.engine.options.items()
+            if k not in ("gain_adu_per_e", "offset_adu", "read_noise_e")})
+        try:
+            self.source.open()
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"opening source {cfg.source.kind!r} failed: {exc}") from exc
+        try:
+            self._start_stages(engine, max_frames)
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _start_stages(self, engine: Any, max_frames: int | None) -> None:
+        cfg = self.config
+        core = self.source.core
+        shape = (core.getImageHeight(), core.getImageWidth())
+        calibration, _ = _calibration_from_options(dict(cfg.engine.options),
+                                                   _calibration(self.source))
+        import numpy as np
+
+        try:
+            engine.prepare(shape, np.dtype(f"uint{8 * core.getBytesPerPixel()}"), calibration)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"engine {self.engine_name!r} cannot run on {shape} frames: "
+                              f"{exc}") from exc
+
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_dir = self.out_dir / f"{stamp}-{self.source.name.split(':')[0]}"
+        suffix = 1
+        while self.run_dir.exists():
+            self.run_dir = self.out_dir / f"{stamp}-{self.source.name.split(':')[0]}-{suffix}"
+            suffix += 1
+        archive = RawArchive(self.run_dir, queue_frames=cfg.archive.queue_frames,
+                             rotate_bytes=int(cfg.archive.rotate_gb * 2**30),
+                             pixel_size_um=self.source.pixel_size_um,
+                             fsync_every_s=cfg.archive.fsync_every_s)
+        self.socket = PublishSocket(cfg.publish.address, cfg.publish.send_hwm)
+        consumers: list[Stage] = []
+        stages: list[Stage] = [archive]
+        if cfg.publish.raw:
+            pub_raw = PublishStage("raw", self.socket, cfg.acquisition.raw_queue_frames)
+            consumers.append(pub_raw)
+            stages.append(pub_raw)
+        engine_stage = EngineStage(engine, calibration, cfg.engine.queue_frames)
+        consumers.append(engine_stage)
+        stages.append(engine_stage)
+        if cfg.publish.enhanced:
+            pub_enh = PublishStage("enhanced", self.socket, cfg.publish.queue_frames)
+            engine_stage.connect(pub_enh.offer)
+            stages.append(pub_enh)
+        else:
+            engine_stage.connect(lambda _frame: None)
+        for stage in stages:
+            stage.on_error(self._stage_failed)
+        self.stages = stages
+        for stage in reversed(stages):  # sinks first, so nothing is offered to a dead stage
+            stage.start()
+        self.acquisition = Acquisition(self.source, archive, consumers,
+                                       poll_sleep_s=cfg.acquisition.poll_sleep_ms / 1000.0,
+                                       max_frames=max_frames, on_error=self._acquisition_failed)
+        self._started_mono = time.monotonic()
+        self.acquisition.start()
+
+    def _stage_failed(self, stage: Stage, exc: BaseException) -> None:
+        if stage.name == "archive":
+            self._fail(f"{exc}")
+        else:  # enhancement and viewers never stop raw acquisition
+            log.error("stage %s is out of service (raw archiving continues): %s",
+                      stage.name, exc)
+
+    def _acquisition_failed(self, exc: BaseException) -> None:
+        self._fail(str(exc))
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
+            self.failed.emit(message)
+        self._stop_requested.set()
+        if self.acquisition is not None:
+            self.acquisition.request_stop()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+        if self.acquisition is not None:
+            self.acquisition.request_stop()
+
+    def wait(self, *, duration_s: float | None = None, poll_s: float = 0.1,
+             on_tick: Any = None, tick_s: float = 0.5) -> None:
+        """Block until the frame limit, the duration, a stop request or an error."""
+        assert self.acquisition is not None
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        next_tick = time.monotonic() + tick_s
+        while not self.acquisition.finished.is_set():
+            if self._stop_requested.is_set():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self._stop_requested.wait(poll_s)
+            if on_tick is not None and time.monotonic() >= next_tick:
+                on_tick(self)
+                next_tick += tick_s
+
+    def stop(self) -> dict[str, Any]:
+        """Stop acquiring, drain every queue, close files; return the summary."""
+        if self.acquisition is not None:
+            self.acquisition.request_stop()
+            self.acquisition.join()
+        self._stopped_mono = time.monotonic()
+        self._shutdown()
+        summary = self.summary()
+        if self.run_dir is not None and self.run_dir.exists():
+            run_json = {"dimscope": __version__, "summary": summary,
+                        "config": json.loads(self.config.model_dump_json()),
+                        "engine": self.engine_name}
+            (self.run_dir / "run.json").write_text(json.dumps(run_json, indent=2, default=str))
+        self.finished.emit()
+        return summary
+
+    def _shutdown(self) -> None:
+        # Upstream first: archive and engine drain into publishers that are still up.
+        for stage in self.stages:
+            stage.stop()
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+        self.source.close()
+
+    # -- reporting ------------------------------------------------------------------
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def elapsed_s(self) -> float:
+        end = self._stopped_mono if self._stopped_mono is not None else time.monotonic()
+        return max(end - self._started_mono, 1e-9) if self._started_mono else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        acq = self.acquisition
+        stages: dict[str, Any] = {}
+        if acq is not None:
+            stages["acquisition"] = acq.snapshot()
+        for s in self.stages:
+            stages[s.name] = s.snapshot()
+        archive = self.stage("archive")
+        engine = self.stage("engine")
+        latency: dict[str, Any] = {}
+        published = 0
+        for s in self.stages:
+            if isinstance(s, PublishStage):
+                latency[s.topic] = s.end_to_end.summary()
+                published += s.counters.passed
+        if engine is not None:
+            latency["engine"] = engine.latency.summary()
+        acquired = acq.counters.received if acq is not None else 0
+        elapsed = self.elapsed_s()
+        return {
+            "acquired": acquired,
+            "archived": archive.counters.passed if archive is not None else 0,
+            "enhanced": engine.counters.passed if engine is not None else 0,
+            "published": published,
+            "dropped": {name: snap.get("dropped", 0) for name, snap in stages.items()},
+            "fps": acquired / elapsed if elapsed else 0.0,
+            "elapsed_s": elapsed,
+            "engine": self.engine_name,
+            "source": self.source.name,
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "archive_files": [str(p) for p in getattr(archive, "files", [])],
+            "publish_address": self.config.publish.address,
+            "stages": stages,
+            "latency_ms": latency,
+            "error": self.error,
+        }

@@ -1,0 +1,75 @@
+"""ZeroMQ PUB publishing: one socket, one stage per topic.
+
+A PUB socket never blocks its sender: past the per-subscriber high-water mark
+ZeroMQ drops messages for that subscriber only. So a slow or dead viewer can
+never slow acquisition or archiving; subscribers see the loss as a gap in the
+per-topic `seq` numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import zmq
+
+from .frame import Frame
+from .metrics import LatencyWindow
+from .stage import OverflowPolicy, Stage
+from .wire import encode_header
+
+
+class PublishSocket:
+    """The one PUB socket, shared by the topic stages (sends are serialised by a lock)."""
+
+    def __init__(self, address: str, send_hwm: int) -> None:
+        self.address = address
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, send_hwm)  # must precede bind to take effect
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise OSError(f"cannot bind ZeroMQ publisher to {address}: {exc}") from None
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._lock = threading.Lock()
+
+    def send(self, topic: bytes, header: bytes, pixels: memoryview) -> bool:
+        with self._lock:
+            try:
+                # Zero-copy: ZeroMQ keeps a reference to the read-only pixel buffer.
+                self._sock.send_multipart([topic, header, pixels], flags=zmq.NOBLOCK,
+                                          copy=False)
+            except zmq.Again:
+                return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close(0)
+
+
+class PublishStage(Stage):
+    def __init__(self, topic: str, socket: PublishSocket, queue_frames: int) -> None:
+        super().__init__(f"publish_{topic}", queue_frames, OverflowPolicy.DROP_OLDEST)
+        self.topic = topic
+        self._topic_bytes = topic.encode()
+        self._socket = socket
+        self.seq = 0
+        # Acquisition-to-send latency of published frames (the stage's own
+        # `latency` window measures only the time spent in this stage).
+        self.end_to_end = LatencyWindow()
+
+    def process(self, frame: Frame) -> None:
+        mono = time.monotonic_ns()
+        frame = frame.marked("published", mono)
+        header = encode_header(frame, topic=self.topic, seq=self.seq,
+                               published_unix_ns=time.time_ns(), published_mono_ns=mono)
+        if self._socket.send(self._topic_bytes, header, memoryview(frame.pixels)):
+            self.seq += 1
+            self.counters.passed += 1
+            self.end_to_end.add(frame.latency_ms()["total"])
+        else:
+            self.counters.dropped += 1

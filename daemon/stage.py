@@ -1,0 +1,162 @@
+"""A pipeline stage: one worker thread fed by one bounded queue, with counters.
+
+Modelled on EPICS areaDetector plugins: every stage owns a queue of known
+capacity and an explicit policy for what happens when it is full, so that no
+frame is ever lost without a counter saying so.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from .frame import Frame
+from .metrics import LatencyWindow, StageCounters
+
+log = logging.getLogger(__name__)
+
+
+class OverflowPolicy(enum.StrEnum):
+    #: Never discard: a full queue is an error the producer must act on (raw archive).
+    FAIL = "fail"
+    #: Discard the oldest queued frame, keep the newest (viewers, engines).
+    DROP_OLDEST = "drop_oldest"
+
+
+class QueueFullError(RuntimeError):
+    """A FAIL-policy stage could not accept a frame."""
+
+
+class StageFailedError(RuntimeError):
+    """A stage's worker thread stopped on an error."""
+
+
+class Stage:
+    """Base class: subclasses implement `process(frame)`; call `emit()` to pass frames on."""
+
+    def __init__(self, name: str, capacity: int, policy: OverflowPolicy) -> None:
+        if capacity < 1:
+            raise ValueError(f"stage {name!r}: queue capacity must be >= 1, got {capacity}")
+        self.name = name
+        self.capacity = capacity
+        self.policy = policy
+        self.counters = StageCounters()
+        self.latency = LatencyWindow()
+        self.error: BaseException | None = None
+        self._queue: deque[Frame] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._downstream: list[Callable[[Frame], None]] = []
+        self._on_error: list[Callable[[Stage, BaseException], None]] = []
+
+    # -- wiring ---------------------------------------------------------------
+    def connect(self, sink: Callable[[Frame], None]) -> None:
+        self._downstream.append(sink)
+
+    def on_error(self, callback: Callable[[Stage, BaseException], None]) -> None:
+        self._on_error.append(callback)
+
+    # -- producer side (called from upstream threads) -------------------------
+    def offer(self, frame: Frame) -> None:
+        """Enqueue a frame by this stage's policy. Never blocks."""
+        with self._cond:
+            if self.error is not None:
+                raise StageFailedError(f"stage {self.name!r} has failed: {self.error}")
+            self.counters.received += 1
+            if len(self._queue) >= self.capacity:
+                if self.policy is OverflowPolicy.FAIL:
+                    self.counters.received -= 1  # not accepted
+                    raise QueueFullError(
+                        f"stage {self.name!r} queue is full ({self.capacity} frames): "
+                        "it cannot keep up with acquisition"
+                    )
+                self._queue.popleft()
+                self.counters.dropped += 1
+            self._queue.append(frame)
+            depth = len(self._queue)
+            if depth > self.counters.max_depth:
+                self.counters.max_depth = depth
+            self._cond.notify()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def snapshot(self) -> dict[str, object]:
+        snap: dict[str, object] = dict(self.counters.snapshot(self.depth, self.capacity))
+        snap["latency_ms"] = self.latency.summary()
+        if self.error is not None:
+            snap["error"] = str(self.error)
+        return snap
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self) -> None:
+        self.setup()
+        self._thread = threading.Thread(target=self._run, name=f"dimscope-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain what is queued, then stop the worker and release resources."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("stage %s did not drain within %.0f s (%d frames left)",
+                          self.name, timeout, self.depth)
+        self.teardown()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- worker side ------------------------------------------------------------
+    def _next(self) -> Frame | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait(0.5)
+            return self._queue.popleft()
+
+    def _run(self) -> None:
+        while (frame := self._next()) is not None:
+            t0 = time.monotonic_ns()
+            try:
+                self.process(frame)
+            except BaseException as exc:  # noqa: BLE001 - reported, never swallowed
+                self.counters.errors += 1
+                self._fail(exc)
+                return
+            self.latency.add((time.monotonic_ns() - t0) / 1e6)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self.error = exc
+            # Frames still queued are counted as dropped: nothing vanishes silently.
+            self.counters.dropped += len(self._queue)
+            self._queue.clear()
+        log.error("stage %s failed: %s", self.name, exc)
+        for callback in self._on_error:
+            callback(self, exc)
+
+    def emit(self, frame: Frame) -> None:
+        self.counters.passed += 1
+        for sink in self._downstream:
+            sink(frame)
+
+    # -- subclass hooks -------------------------------------------------------------
+    def setup(self) -> None:
+        """Open resources; runs in the caller's thread before the worker starts."""
+
+    def teardown(self) -> None:
+        """Release resources after the worker has drained."""
+
+    def process(self, frame: Frame) -> None:
+        raise NotImplementedError

@@ -1,0 +1,59 @@
+"""The ZeroMQ wire format (see docs/wire-format.md): `[topic, header, payload]`.
+
+topic   ASCII bytes: `raw` or `enhanced` (later: `interpolated`)
+header  UTF-8 JSON object, schema `dimscope.frame/1`
+payload the pixel buffer, C order, shape and dtype as the header says
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from .frame import Frame
+
+SCHEMA = "dimscope.frame/1"
+TOPICS = ("raw", "enhanced")
+
+
+def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
+                  published_mono_ns: int) -> bytes:
+    engine = None
+    if frame.engine is not None:
+        e = frame.engine
+        engine = {"name": e.name, "version": e.version, "runtime": e.runtime,
+                  "precision": e.precision}
+    header: dict[str, Any] = {
+        "schema": SCHEMA,
+        "topic": topic,
+        "seq": seq,
+        "frame_id": frame.frame_id,
+        "kind": frame.kind,
+        "shape": list(frame.shape),
+        "dtype": frame.dtype.str,
+        "order": "C",
+        "acquired_unix_ns": frame.acquired_unix_ns,
+        "published_unix_ns": published_unix_ns,
+        "exposure_ms": frame.exposure_ms,
+        "pixel_size_um": frame.pixel_size_um,
+        "source": frame.source,
+        "source_ids": list(frame.source_ids) or [frame.frame_id],
+        "engine": engine,
+        "latency_ms": frame.latency_ms(until_ns=published_mono_ns),
+        "mda_index": dict(frame.mda_index),
+    }
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def decode(parts: list[bytes] | list[Any]) -> tuple[dict[str, Any], np.ndarray]:
+    """Header and a (read-only, zero-copy) pixel array from a received multipart message."""
+    if len(parts) != 3:
+        raise ValueError(f"expected 3 message parts [topic, header, payload], got {len(parts)}")
+    header = json.loads(bytes(parts[1]))
+    if header.get("schema") != SCHEMA:
+        raise ValueError(f"unsupported header schema {header.get('schema')!r}; expected {SCHEMA}")
+    buf = parts[2].buffer if hasattr(parts[2], "buffer") else parts[2]
+    pixels = np.frombuffer(buf, dtype=np.dtype(header["dtype"])).reshape(header["shape"])
+    return header, pixels

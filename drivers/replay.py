@@ -1,0 +1,152 @@
+"""Replay a real recording through the core's Python camera path.
+
+Frames of a TIFF time-lapse (T, Y, X) are served by a pure-Python camera at a
+fixed rate. Without `photons`, frames are delivered bit-identical to the file.
+With `photons`, each frame is treated as the noiseless truth: scaled so its
+99.9th percentile collects that many photoelectrons, then exposed with the
+same camera noise model as the simulator — real structures at a chosen
+light level.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tifffile
+from pymmcore_plus.experimental.unicore import CameraDevice, UniMMCore
+
+from .base import SourceError, release_core
+from .camera_noise import CameraNoise
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+
+    from dimscope.daemon.config import ReplaySourceConfig
+
+CAMERA = "ReplayCamera"
+
+
+def read_recording(path: str) -> np.ndarray:
+    """A (T, Y, X) stack from a TIFF; single images become one frame."""
+    try:
+        data = tifffile.imread(path)
+    except Exception as exc:
+        raise SourceError(f"cannot read recording {path}: {exc}") from exc
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise SourceError(f"recording {path} has shape {data.shape}; expected (T, Y, X)")
+    return np.ascontiguousarray(data)
+
+
+class ReplayCamera(CameraDevice):
+    def __init__(self, cfg: ReplaySourceConfig, stack: np.ndarray) -> None:
+        self._cfg = cfg
+        self._stack = stack
+        self._exposure = 1000.0 / cfg.fps
+        self.position = 0
+        self._noise: CameraNoise | None = None
+        if cfg.photons is not None:
+            self._noise = CameraNoise(seed=cfg.seed)
+            lo = float(np.percentile(stack, 0.1))
+            hi = float(np.percentile(stack, 99.9))
+            self._scale = cfg.photons / max(hi - lo, 1e-12)
+            self._low = lo
+        super().__init__()
+
+    def get_exposure(self) -> float:
+        return self._exposure
+
+    def set_exposure(self, exposure: float) -> None:
+        self._exposure = float(exposure)
+
+    def shape(self) -> tuple[int, int]:
+        return (int(self._stack.shape[1]), int(self._stack.shape[2]))
+
+    def dtype(self) -> DTypeLike:
+        return np.uint16 if self._noise is not None else self._stack.dtype
+
+    def truth(self, index: int) -> np.ndarray:
+        """Expected photoelectrons behind frame `index` of the recording (re-noised mode)."""
+        frame = self._stack[index].astype(np.float32)
+        if self._noise is None:
+            return frame
+        frame -= np.float32(self._low)
+        np.maximum(frame, 0, out=frame)
+        frame *= np.float32(self._scale)
+        frame += np.float32(self._cfg.background_photons)
+        return frame
+
+    def start_sequence(self, n: int | None,
+                       get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
+                       ) -> Iterator[Mapping[str, Any]]:
+        shape, dtype = self.shape(), self.dtype()
+        remaining = n if n is not None else -1
+        next_due = time.perf_counter()
+        n_frames = self._stack.shape[0]
+        while remaining != 0:
+            if self.position >= n_frames:
+                if not self._cfg.loop:
+                    return
+                self.position = 0
+            index = self.position
+            next_due += self._exposure / 1000.0
+            buf = get_buffer(shape, dtype)
+            if self._noise is None:
+                buf[...] = self._stack[index]
+            else:
+                self._noise.expose(self.truth(index), read_noise_e=self._cfg.read_noise_e,
+                                   gain_adu_per_e=self._cfg.gain_adu_per_e,
+                                   offset_adu=self._cfg.offset_adu, bit_depth=16, out=buf)
+            delay = next_due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_due = time.perf_counter()
+            self.position += 1
+            yield {"ReplayFrame": str(index), "ReplayFile": self._cfg.path.name}
+            remaining -= 1
+
+
+class ReplaySource:
+    def __init__(self, cfg: ReplaySourceConfig) -> None:
+        self.cfg = cfg
+        self.name = f"replay:{cfg.path.name}"
+        self._core: UniMMCore | None = None
+        self.camera: ReplayCamera | None = None
+
+    @property
+    def core(self) -> UniMMCore:
+        if self._core is None:
+            raise RuntimeError("source is not open")
+        return self._core
+
+    @property
+    def pixel_size_um(self) -> float:
+        return self.cfg.pixel_size_um
+
+    def open(self) -> None:
+        stack = read_recording(str(self.cfg.path))
+        camera = ReplayCamera(self.cfg, stack)
+        core = UniMMCore()
+        core.loadPyDevice(CAMERA, camera)
+        core.initializeAllDevices()
+        core.setCameraDevice(CAMERA)
+        core.setCircularBufferMemoryFootprint(self.cfg.buffer_mb)
+        self._core, self.camera = core, camera
+
+    def ground_truth(self, camera_frame: int, scale: int = 1) -> np.ndarray:
+        """`camera_frame` is the `ReplayFrame` tag: the index into the recording."""
+        if self.camera is None:
+            raise RuntimeError("source is not open")
+        if scale != 1:
+            raise ValueError("a replayed recording has ground truth at its own sampling only")
+        return self.camera.truth(camera_frame)
+
+    def close(self) -> None:
+        if self._core is not None:
+            release_core(self._core)
+            self._core = None

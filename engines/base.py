@@ -1,0 +1,52 @@
+"""The engine protocol: what the engine stage needs from any enhancement method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """An engine cannot load, cannot handle the camera's frames, or failed on one."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What produced an enhanced frame: enough to reproduce it."""
+
+    name: str
+    version: str
+    runtime: str = "numpy"
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True, slots=True)
+class CameraCalibration:
+    """Camera noise parameters, in the units of the raw frames."""
+
+    gain_adu_per_e: float = 1.0
+    offset_adu: float = 0.0
+    read_noise_e: float = 0.0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Transforms one raw frame into one enhanced frame.
+
+    `prepare` runs once with the camera's frame shape before any frame; it
+    must raise `EngineError` (naming the problem) if the engine cannot handle
+    that shape, so the daemon can say so up front. `scale` is the output
+    sampling relative to the input (2 for x2 super-resolution).
+    """
+
+    info: EngineInfo
+    scale: int
+
+    def prepare(self, shape: tuple[int, ...], dtype: np.dtype[np.generic],
+                calibration: CameraCalibration) -> None: ...
+
+    def process(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
