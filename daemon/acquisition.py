@@ -7,6 +7,7 @@ their own policies and never slow this loop down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ def _md_dict(md: Any) -> dict[str, str]:
         return {str(k): str(v) for k, v in md.items()}
     try:  # pymmcore.Metadata
         return {k: md.GetSingleTag(k).GetValue() for k in md.GetKeys()}
-    except Exception:  # noqa: BLE001
+    except Exception:
         return {}
 
 
@@ -85,7 +86,7 @@ class Acquisition:
                 core.startContinuousSequenceAcquisition(0.0)
             self.started_mono = time.monotonic()
             self._loop(core)
-        except BaseException as exc:  # noqa: BLE001 - reported through on_error
+        except BaseException as exc:
             self.error = exc
             log.error("acquisition stopped: %s", exc)
             if self._on_error is not None:
@@ -97,7 +98,7 @@ class Acquisition:
                 # Frames the camera delivered before the stop are raw data too.
                 if self.error is None:
                     self._drain(core)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 if self.error is None:
                     self.error = exc
                     if self._on_error is not None:
@@ -106,7 +107,7 @@ class Acquisition:
                 try:
                     if core.getShutterDevice() and core.getAutoShutter():
                         core.setShutterOpen(False)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.warning("could not close the shutter after acquisition")
                 self.finished.set()
 
@@ -157,10 +158,9 @@ class Acquisition:
             raise AcquisitionError(f"raw frame {frame.frame_id} could not be archived: {exc}"
                                    ) from exc
         for consumer in self.consumers:
-            try:
+            # A failed viewer/engine stage reports itself; raw data is unaffected.
+            with contextlib.suppress(StageFailedError):
                 consumer.offer(frame)
-            except StageFailedError:
-                pass  # a failed viewer/engine stage reports itself; raw data is unaffected
         self.counters.passed += 1
 
     def _check_sequence(self, meta: Mapping[str, str]) -> None:

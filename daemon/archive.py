@@ -16,6 +16,7 @@ what `recover_run` uses to rebuild a valid OME-TIFF.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -105,8 +106,12 @@ class RawArchive(Stage):
             self._write(frame)
         except OSError as exc:
             where = self._file.path if self._file else self.run_dir
+            reason = exc.strerror or str(exc)
+            # ENOSPC/EDQUOT/EFBIG, or a short write (errno unset), all mean no room left.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or exc.errno is None:
+                reason += " — disk full or file-size limit reached"
             raise ArchiveError(f"raw archive: writing frame {frame.frame_id} to {where} failed: "
-                               f"{exc.strerror or exc} (errno {exc.errno})") from exc
+                               f"{reason}; frames before it are on disk and indexed") from exc
 
     def _write(self, frame: Frame) -> None:
         f = self._file

@@ -146,17 +146,13 @@ class AcquisitionConfig(_Model):
 
 
 class ArchiveConfig(_Model):
-    out_dir: Path = Path("runs")
+    out_dir: Path = Field(Path("runs"), description="relative paths are relative to the "
+                          "working directory (not the config file), like --out")
     rotate_gb: float = Field(4.0, gt=0, description="start a new file past this size")
     queue_frames: int = Field(
         512, ge=1, description="frames the writer may lag before acquisition stops")
     fsync_every_s: float = Field(
         2.0, ge=0, description="fsync data+index this often (0 = never; SIGKILL-safe anyway)")
-
-    @field_validator("out_dir", mode="after")
-    @classmethod
-    def _resolve_out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
 
 
 class EngineConfig(_Model):
@@ -213,7 +209,10 @@ def default_adapter_paths() -> list[Path]:
 def _format_errors(origin: str, exc: ValidationError) -> str:
     lines = [f"{origin}: {exc.error_count()} problem(s)"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        if len(parts) > 1 and parts[0] == "source" and parts[1] in ("sim", "mm", "replay"):
+            del parts[1]  # the discriminator tag pydantic inserts is not a key in the file
+        loc = ".".join(parts)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the config schema)"

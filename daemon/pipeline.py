@@ -85,7 +85,7 @@ class Pipeline:
             self.source.open()
         except SourceError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # adapters raise anything; name the source
             raise SourceError(f"opening source {cfg.source.kind!r} failed: {exc}") from exc
         try:
             self._start_stages(engine, max_frames)
@@ -209,6 +209,11 @@ class Pipeline:
             self.socket.close()
             self.socket = None
         self.source.close()
+
+    @property
+    def publish_endpoint(self) -> str | None:
+        """The bound address (resolves a wildcard port such as tcp://127.0.0.1:*)."""
+        return self.socket.endpoint if self.socket is not None else None
 
     # -- reporting ------------------------------------------------------------------
     def stage(self, name: str) -> Stage | None:

@@ -130,7 +130,7 @@ class Stage:
             t0 = time.monotonic_ns()
             try:
                 self.process(frame)
-            except BaseException as exc:  # noqa: BLE001 - reported, never swallowed
+            except BaseException as exc:
                 self.counters.errors += 1
                 self._fail(exc)
                 return

@@ -63,5 +63,5 @@ def release_core(core: CMMCorePlus) -> None:
         pymmcore.CMMCore.registerCallback(core, None)
     try:
         core.unloadAllDevices()
-    except Exception as exc:  # noqa: BLE001 - best effort at shutdown, but say so
+    except Exception as exc:
         log.warning("unloading devices failed: %s", exc)

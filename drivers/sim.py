@@ -144,7 +144,7 @@ class SimCamera(CameraDevice):
     def get_offset(self) -> float:
         return self._scope.cfg.offset_adu
 
-    @pymm_property(limits=(0.0, 50.0))
+    @pymm_property(limits=(0.0, 50.0), name="ReadNoise-e", is_read_only=True)
     def read_noise_e(self) -> float:
         return self._scope.cfg.read_noise_e
 
@@ -163,7 +163,8 @@ class SimCamera(CameraDevice):
             if delay > 0:
                 time.sleep(delay)
             else:
-                next_due = time.perf_counter()  # running slower than the exposure: no catch-up burst
+                # Slower than the exposure: no catch-up burst afterwards.
+                next_due = time.perf_counter()
             meta["Exposure-ms"] = f"{self._exposure:.4f}"
             yield meta
             remaining -= 1
@@ -179,10 +180,10 @@ class SimLaser(ShutterDevice):
     def get_open(self) -> bool:
         return self._scope.laser_open
 
-    def set_open(self, open: bool) -> None:  # noqa: A002 - Micro-Manager's name
+    def set_open(self, open: bool) -> None:
         self._scope.laser_open = bool(open)
 
-    @pymm_property(limits=(0.0, 1.0))
+    @pymm_property(limits=(0.0, 1.0), name="Power")
     def power(self) -> float:
         return self._scope.laser_power
 

@@ -62,7 +62,8 @@ class Specimen:
             np.float32)
 
     @staticmethod
-    def _draw_tubules(rng: np.random.Generator, h: int, w: int, n: int, sigma: float) -> np.ndarray:
+    def _draw_tubules(rng: np.random.Generator, h: int, w: int, n: int,
+                      sigma: float) -> np.ndarray:
         canvas = np.zeros((h, w), dtype=np.float32)
         for _ in range(n):
             # A smooth random walk: a mitochondrion-like filament.
@@ -86,7 +87,7 @@ class Specimen:
         drift2 = 2.0 * self.drift_px_per_s * time_s * self.drift_dir
         # Wrap inside the margin so arbitrarily long runs keep a valid view.
         span = 2 * self.margin
-        sy, sx = (int(round(d)) % (2 * span) for d in drift2)
+        sy, sx = (round(d) % (2 * span) for d in drift2)
         sy = sy if sy < span else 2 * span - sy  # bounce back and forth: no jump
         sx = sx if sx < span else 2 * span - sx
         wobble = np.sin(self.puncta_freq * 2 * np.pi * time_s + self.puncta_phase)
