@@ -54,7 +54,9 @@ class Acquisition:
         self._on_error = on_error
         self._thread: threading.Thread | None = None
         self._last_image_number: int | None = None
-        self.started_mono: float | None = None
+        self.started_mono: float | None = None  # when the camera sequence started
+        self.stop_requested_mono: float | None = None
+        self._pixel_size_um = 1.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="dimscope-acquisition",
@@ -62,6 +64,8 @@ class Acquisition:
         self._thread.start()
 
     def request_stop(self) -> None:
+        if self.stop_requested_mono is None:
+            self.stop_requested_mono = time.monotonic()
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -78,6 +82,7 @@ class Acquisition:
     def _run(self) -> None:
         core = self.source.core
         try:
+            self._pixel_size_um = float(self.source.pixel_size_um)  # not per frame
             if core.getShutterDevice() and core.getAutoShutter():
                 core.setShutterOpen(True)
             if self.max_frames is not None:
@@ -121,13 +126,15 @@ class Acquisition:
                                        "lost before dimscope could pop them")
             if not core.isSequenceRunning():
                 if self.max_frames is not None and self.counters.received >= self.max_frames:
-                    return
+                    break
                 if core.getRemainingImageCount() == 0:
                     raise AcquisitionError(
                         f"the camera stopped delivering frames after {self.counters.received}"
                         + (f" of {self.max_frames}" if self.max_frames else ""))
                 continue
             time.sleep(self.poll_sleep_s)  # a busy spin would starve a Python camera
+        if self.stop_requested_mono is None:
+            self.stop_requested_mono = time.monotonic()
 
     def _drain(self, core: Any) -> None:
         while core.getRemainingImageCount() > 0:
@@ -148,7 +155,7 @@ class Acquisition:
             exposure = float(core.getExposure())
         frame = Frame(
             frame_id=self.counters.received, pixels=freeze(pixels), acquired_unix_ns=unix,
-            exposure_ms=exposure, pixel_size_um=self.source.pixel_size_um,
+            exposure_ms=exposure, pixel_size_um=self._pixel_size_um,
             source=self.source.name, metadata=meta, marks=(("acquired", mono),),
         )
         self.counters.received += 1

@@ -72,8 +72,6 @@ class Pipeline:
         self.socket: PublishSocket | None = None
         self.error: str | None = None
         self._stop_requested = threading.Event()
-        self._started_mono = 0.0
-        self._stopped_mono: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, max_frames: int | None = None) -> None:
@@ -143,7 +141,6 @@ class Pipeline:
         self.acquisition = Acquisition(self.source, archive, consumers,
                                        poll_sleep_s=cfg.acquisition.poll_sleep_ms / 1000.0,
                                        max_frames=max_frames, on_error=self._acquisition_failed)
-        self._started_mono = time.monotonic()
         self.acquisition.start()
 
     def _stage_failed(self, stage: Stage, exc: BaseException) -> None:
@@ -190,7 +187,6 @@ class Pipeline:
         if self.acquisition is not None:
             self.acquisition.request_stop()
             self.acquisition.join()
-        self._stopped_mono = time.monotonic()
         self._shutdown()
         summary = self.summary()
         if self.run_dir is not None and self.run_dir.exists():
@@ -220,8 +216,12 @@ class Pipeline:
         return next((s for s in self.stages if s.name == name), None)
 
     def elapsed_s(self) -> float:
-        end = self._stopped_mono if self._stopped_mono is not None else time.monotonic()
-        return max(end - self._started_mono, 1e-9) if self._started_mono else 0.0
+        """Acquisition time: camera sequence start to stop request (not setup or drain)."""
+        acq = self.acquisition
+        if acq is None or acq.started_mono is None:
+            return 0.0
+        end = acq.stop_requested_mono if acq.stop_requested_mono is not None else time.monotonic()
+        return max(end - acq.started_mono, 1e-9)
 
     def summary(self) -> dict[str, Any]:
         acq = self.acquisition
