@@ -38,14 +38,15 @@ class EngineStage(Stage):
         try:
             out = self.engine.process(frame.pixels)
         except Exception as exc:  # one bad frame must not end enhancement for good
-            self.counters.errors += 1
             self._consecutive_errors += 1
             log.warning("engine %s failed on frame %d: %s", self.engine.info.name,
                         frame.frame_id, exc)
             if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+                # Stage._run counts this last frame's error when it takes the stage down.
                 raise EngineError(f"engine {self.engine.info.name!r} failed on "
                                   f"{MAX_CONSECUTIVE_ERRORS} consecutive frames; last: {exc}"
                                   ) from exc
+            self.counters.errors += 1
             return
         self._consecutive_errors = 0
         scale = self.engine.scale

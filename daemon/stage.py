@@ -66,6 +66,9 @@ class Stage:
         """Enqueue a frame by this stage's policy. Never blocks."""
         with self._cond:
             if self.error is not None:
+                # Counted, so a frame refused by a dead stage is never a silent loss.
+                self.counters.received += 1
+                self.counters.dropped += 1
                 raise StageFailedError(f"stage {self.name!r} has failed: {self.error}")
             self.counters.received += 1
             if len(self._queue) >= self.capacity:

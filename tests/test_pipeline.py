@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 import zmq
 
@@ -109,3 +110,42 @@ def test_frame_limit_gives_exactly_that_many_frames(tmp_path: Path) -> None:
     engine = stages["engine"]
     # Nothing vanishes: every frame offered to the engine was processed or counted dropped.
     assert engine["received"] == engine["passed"] + engine["dropped"] + engine["errors"]
+
+
+class _BrokenEngine:
+    """An engine that fails on every frame (a model that cannot run)."""
+
+    scale = 1
+
+    def __init__(self) -> None:
+        from dimscope.engines import EngineInfo
+
+        self.info = EngineInfo("broken", "0")
+
+    def prepare(self, shape: object, dtype: object, calibration: object) -> None:
+        pass
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model exploded")
+
+    def close(self) -> None:
+        pass
+
+
+def test_failing_engine_never_costs_raw_frames(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import dimscope.daemon.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "make_engine", lambda name, **kw: _BrokenEngine())
+    pipeline = Pipeline(make_config(tmp_path))
+    pipeline.start(max_frames=60)
+    pipeline.wait()
+    summary = pipeline.stop()
+    # Enhancement is out of service, loudly; acquisition and the archive are not affected.
+    assert summary["error"] is None
+    assert summary["acquired"] == summary["archived"] == 60
+    engine = summary["stages"]["engine"]
+    assert "failed on 10 consecutive frames" in engine["error"]
+    assert engine["errors"] >= 10 and summary["enhanced"] == 0
+    assert engine["received"] == 60 == engine["passed"] + engine["dropped"] + engine["errors"]
+    assert summary["stages"]["publish_raw"]["passed"] == 60
