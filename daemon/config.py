@@ -156,7 +156,7 @@ class ArchiveConfig(_Model):
 
 
 class EngineConfig(_Model):
-    name: str = "identity"
+    name: str = "vst_gaussian"
     queue_frames: int = Field(
         1, ge=1, description="frames waiting for the engine; when full the oldest is skipped")
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
