@@ -115,3 +115,19 @@ def test_cli_run_writes_summary_json_and_subscribe_saves(tmp_path: Path) -> None
     assert stack.shape == (10, 64, 96) and len(ids) == 10
     assert all(i["topic"] == "enhanced" for i in ids)
     assert [i["frame_id"] for i in ids] == sorted(i["frame_id"] for i in ids)
+
+
+def test_publish_port_in_use_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
+    import zmq
+
+    blocker = zmq.Context.instance().socket(zmq.PUB)
+    port = blocker.bind_to_random_port("tcp://127.0.0.1")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[publish]\naddress = "tcp://127.0.0.1:{port}"\n')
+    try:
+        result = _cli("run", "-c", str(cfg), "--frames", "5", "--out", str(tmp_path / "runs"))
+    finally:
+        blocker.close(0)
+    assert result.returncode == 2
+    assert f"cannot bind ZeroMQ publisher to tcp://127.0.0.1:{port}" in result.stderr
+    assert not (tmp_path / "runs").exists()
