@@ -76,9 +76,10 @@ class Pipeline:
     # -- lifecycle ------------------------------------------------------------------
     def start(self, max_frames: int | None = None) -> None:
         cfg = self.config
-        engine = make_engine(self.engine_name, **{
-            k: v for k, v in cfg.engine.options.items()
-            if k not in ("gain_adu_per_e", "offset_adu", "read_noise_e")})
+        # Calibration keys in engine.options describe the camera, not the engine.
+        _, engine_options = _calibration_from_options(dict(cfg.engine.options),
+                                                      CameraCalibration())
+        engine = make_engine(self.engine_name, **engine_options)
         try:
             self.source.open()
         except SourceError:
