@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from psygnal import Signal
 
 from dimscope.drivers import SourceError, make_source
@@ -36,11 +37,9 @@ class RunError(RuntimeError):
 
 
 def _calibration(source: Any) -> CameraCalibration:
-    cfg = getattr(source, "cfg", None)
-    kind = getattr(cfg, "kind", None)
-    if kind == "sim" or (kind == "replay" and cfg.photons is not None):
-        return CameraCalibration(cfg.gain_adu_per_e, cfg.offset_adu, cfg.read_noise_e)
-    return CameraCalibration()
+    """A source that models its camera says so; real hardware defaults to gain 1, offset 0."""
+    calibration = getattr(source, "calibration", None)
+    return calibration if isinstance(calibration, CameraCalibration) else CameraCalibration()
 
 
 def _calibration_from_options(options: dict[str, Any], default: CameraCalibration
@@ -98,8 +97,6 @@ class Pipeline:
         shape = (core.getImageHeight(), core.getImageWidth())
         calibration, _ = _calibration_from_options(dict(cfg.engine.options),
                                                    _calibration(self.source))
-        import numpy as np
-
         try:
             engine.prepare(shape, np.dtype(f"uint{8 * core.getBytesPerPixel()}"), calibration)
         except EngineError:

@@ -18,6 +18,8 @@ import numpy as np
 import tifffile
 from pymmcore_plus.experimental.unicore import CameraDevice, UniMMCore
 
+from dimscope.engines.base import CameraCalibration
+
 from .base import SourceError, release_core
 from .camera_noise import CameraNoise
 
@@ -127,6 +129,14 @@ class ReplaySource:
     @property
     def pixel_size_um(self) -> float:
         return self.cfg.pixel_size_um
+
+    @property
+    def calibration(self) -> CameraCalibration | None:
+        """Known only when re-noising; a bit-identical replay has the recording's own camera."""
+        if self.cfg.photons is None:
+            return None
+        return CameraCalibration(self.cfg.gain_adu_per_e, self.cfg.offset_adu,
+                                 self.cfg.read_noise_e)
 
     def open(self) -> None:
         stack = read_recording(str(self.cfg.path))

@@ -29,6 +29,8 @@ from pymmcore_plus.experimental.unicore import (
     pymm_property,
 )
 
+from dimscope.engines.base import CameraCalibration
+
 from .base import release_core
 from .camera_noise import CameraNoise
 from .specimen import Specimen, SpecimenState
@@ -233,6 +235,12 @@ class SimSource:
     @property
     def pixel_size_um(self) -> float:
         return self.cfg.pixel_size_um
+
+    @property
+    def calibration(self) -> CameraCalibration:
+        """The simulated camera's noise model, exactly."""
+        return CameraCalibration(self.cfg.gain_adu_per_e, self.cfg.offset_adu,
+                                 self.cfg.read_noise_e)
 
     def open(self) -> None:
         scope = SimScope(self.cfg)
