@@ -23,9 +23,11 @@ def _fmt_status(p: Any) -> str:
     drops = sum(int(v.get("dropped", 0)) for v in st.values())
     lat = s["latency_ms"].get("enhanced") or s["latency_ms"].get("raw") or {}
     eng = s["latency_ms"].get("engine") or {}
+    info = s.get("engine_info") or {}
+    runtime = f"{info.get('runtime', '-')}/{info.get('precision', '-')}" if info else "RAW ONLY"
     return (f"{s['elapsed_s']:7.1f}s  acq {s['acquired']:>7d} ({s['fps']:6.1f} fps)  "
             f"arch {s['archived']:>7d}  enh {s['enhanced']:>7d}  drop {drops:>5d}  "
-            f"q[{depth}]  engine p50 {eng.get('p50', 0):5.1f} ms  "
+            f"q[{depth}]  engine[{runtime}] p50 {eng.get('p50', 0):5.1f} ms  "
             f"e2e p50 {lat.get('p50', 0):5.1f} p99 {lat.get('p99', 0):5.1f} ms")
 
 
@@ -34,6 +36,12 @@ def _print_summary(s: dict[str, Any]) -> None:
     print("\n== dimscope run summary ==", file=out)
     print(f"source {s['source']}  engine {s['engine']}  {s['elapsed_s']:.1f} s  "
           f"{s['fps']:.1f} frames/s", file=out)
+    info = s.get("engine_info")
+    if info:
+        print(f"engine {info['name']} {info['version']} on {info['runtime']} "
+              f"({info['precision']}, x{info['scale']})", file=out)
+    if s.get("engine_error"):
+        print(f"ENGINE ERROR (ran raw only): {s['engine_error']}", file=out)
     print(f"acquired {s['acquired']}  archived {s['archived']}  enhanced {s['enhanced']}  "
           f"published {s['published']}", file=out)
     print(f"{'stage':<18}{'received':>10}{'passed':>10}{'dropped':>10}{'late':>8}"
@@ -85,6 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     tty = sys.stderr.isatty()
+    if pipeline.engine_error:
+        print(f"dimscope: ENGINE ERROR, running raw only (every raw frame is still archived "
+              f"and published): {pipeline.engine_error}", file=sys.stderr)
+    elif pipeline.engine_info is not None:
+        e = pipeline.engine_info
+        print(f"dimscope: engine {e.name} {e.version} on {e.runtime} ({e.precision})",
+              file=sys.stderr)
     print(f"dimscope {__version__}: {pipeline.source.name} -> engine {pipeline.engine_name}; "
           f"publishing on {config.publish.address}; archiving to {pipeline.run_dir}",
           file=sys.stderr)
@@ -106,7 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_summary(summary)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
-    return EXIT_RUN_FAILED if summary.get("error") else EXIT_OK
+    failed = summary.get("error") or summary.get("engine_error")
+    return EXIT_RUN_FAILED if failed else EXIT_OK
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -167,11 +183,19 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from dimscope.engines import CameraCalibration, EngineError, make_engine
+
     from .config import ConfigError, load_config
+    from .pipeline import _calibration_from_options
 
     try:
         cfg = load_config(args.config)
-    except ConfigError as exc:
+        # Constructing the engine reads its model file and card: a missing or
+        # damaged model is reported here, before any run.
+        _, options = _calibration_from_options(dict(cfg.engine.options),
+                                               CameraCalibration())
+        make_engine(cfg.engine.name, **options).close()
+    except (ConfigError, EngineError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"{args.config}: OK (source {cfg.source.kind}, engine {cfg.engine.name}, "
@@ -229,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("config", type=Path)
     c.set_defaults(func=cmd_check_config)
+
+    from .cli_models import add_eval_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
 
     rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
     rc.add_argument("run_dir", type=Path)

@@ -159,6 +159,9 @@ class EngineConfig(_Model):
     name: str = "vst_gaussian"
     queue_frames: int = Field(
         1, ge=1, description="frames waiting for the engine; when full the oldest is skipped")
+    on_failure: Literal["raw_only", "stop"] = Field(
+        "raw_only", description="if the engine cannot load or run: keep acquiring and "
+        "archiving raw frames without enhancement (raw_only), or refuse to run (stop)")
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
 
     @field_validator("name")

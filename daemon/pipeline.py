@@ -53,6 +53,13 @@ def _calibration_from_options(options: dict[str, Any], default: CameraCalibratio
     return cal, opts
 
 
+def _engine_info(info: Any) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {"name": info.name, "version": info.version, "runtime": info.runtime,
+            "precision": info.precision, "scale": info.scale}
+
+
 class Pipeline:
     """One run: open the source, start the stages, acquire, stop cleanly, summarise."""
 
@@ -70,15 +77,13 @@ class Pipeline:
         self.acquisition: Acquisition | None = None
         self.socket: PublishSocket | None = None
         self.error: str | None = None
+        self.engine_error: str | None = None
+        self.engine_info: Any = None
         self._stop_requested = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, max_frames: int | None = None) -> None:
         cfg = self.config
-        # Calibration keys in engine.options describe the camera, not the engine.
-        _, engine_options = _calibration_from_options(dict(cfg.engine.options),
-                                                      CameraCalibration())
-        engine = make_engine(self.engine_name, **engine_options)
         try:
             self.source.open()
         except SourceError:
@@ -86,24 +91,43 @@ class Pipeline:
         except Exception as exc:  # adapters raise anything; name the source
             raise SourceError(f"opening source {cfg.source.kind!r} failed: {exc}") from exc
         try:
-            self._start_stages(engine, max_frames)
+            self._start_stages(max_frames)
         except BaseException:
             self._shutdown()
             raise
 
-    def _start_stages(self, engine: Any, max_frames: int | None) -> None:
-        cfg = self.config
+    def _load_engine(self, calibration: CameraCalibration) -> Any:
+        """The prepared engine, or None (raw-only run) under the `raw_only` failure policy."""
         core = self.source.core
         shape = (core.getImageHeight(), core.getImageWidth())
+        # Calibration keys in engine.options describe the camera, not the engine.
+        _, engine_options = _calibration_from_options(dict(self.config.engine.options),
+                                                      calibration)
+        try:
+            engine = make_engine(self.engine_name, **engine_options)
+            try:
+                engine.prepare(shape, np.dtype(f"uint{8 * core.getBytesPerPixel()}"),
+                               calibration)
+            except EngineError:
+                raise
+            except Exception as exc:
+                raise EngineError(f"engine {self.engine_name!r} cannot run on {shape} frames: "
+                                  f"{exc}") from exc
+        except EngineError as exc:
+            if self.config.engine.on_failure == "stop":
+                raise
+            self.engine_error = str(exc)
+            log.error("engine %r unavailable, running raw only (archive and raw stream "
+                      "unaffected): %s", self.engine_name, exc)
+            return None
+        self.engine_info = engine.info
+        return engine
+
+    def _start_stages(self, max_frames: int | None) -> None:
+        cfg = self.config
         calibration, _ = _calibration_from_options(dict(cfg.engine.options),
                                                    _calibration(self.source))
-        try:
-            engine.prepare(shape, np.dtype(f"uint{8 * core.getBytesPerPixel()}"), calibration)
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise EngineError(f"engine {self.engine_name!r} cannot run on {shape} frames: "
-                              f"{exc}") from exc
+        engine = self._load_engine(calibration)
 
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = self.out_dir / f"{stamp}-{self.source.name.split(':')[0]}"
@@ -122,15 +146,16 @@ class Pipeline:
             pub_raw = PublishStage("raw", self.socket, cfg.acquisition.raw_queue_frames)
             consumers.append(pub_raw)
             stages.append(pub_raw)
-        engine_stage = EngineStage(engine, calibration, cfg.engine.queue_frames)
-        consumers.append(engine_stage)
-        stages.append(engine_stage)
-        if cfg.publish.enhanced:
-            pub_enh = PublishStage("enhanced", self.socket, cfg.publish.queue_frames)
-            engine_stage.connect(pub_enh.offer)
-            stages.append(pub_enh)
-        else:
-            engine_stage.connect(lambda _frame: None)
+        if engine is not None:
+            engine_stage = EngineStage(engine, calibration, cfg.engine.queue_frames)
+            consumers.append(engine_stage)
+            stages.append(engine_stage)
+            if cfg.publish.enhanced:
+                pub_enh = PublishStage("enhanced", self.socket, cfg.publish.queue_frames)
+                engine_stage.connect(pub_enh.offer)
+                stages.append(pub_enh)
+            else:
+                engine_stage.connect(lambda _frame: None)
         for stage in stages:
             stage.on_error(self._stage_failed)
         self.stages = stages
@@ -249,6 +274,8 @@ class Pipeline:
             "fps": acquired / elapsed if elapsed else 0.0,
             "elapsed_s": elapsed,
             "engine": self.engine_name,
+            "engine_info": _engine_info(self.engine_info),
+            "engine_error": self.engine_error,
             "source": self.source.name,
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "archive_files": [str(p) for p in getattr(archive, "files", [])],

@@ -24,7 +24,7 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
     if frame.engine is not None:
         e = frame.engine
         engine = {"name": e.name, "version": e.version, "runtime": e.runtime,
-                  "precision": e.precision}
+                  "precision": e.precision, "scale": e.scale}
     header: dict[str, Any] = {
         "schema": SCHEMA,
         "topic": topic,
@@ -38,6 +38,7 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         "published_unix_ns": published_unix_ns,
         "exposure_ms": frame.exposure_ms,
         "pixel_size_um": frame.pixel_size_um,
+        "scale": frame.engine.scale if frame.engine is not None else 1,
         "source": frame.source,
         "source_ids": list(frame.source_ids) or [frame.frame_id],
         "engine": engine,

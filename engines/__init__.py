@@ -14,9 +14,13 @@ from .base import CameraCalibration, Engine, EngineError, EngineInfo
 __all__ = ["CameraCalibration", "Engine", "EngineError", "EngineInfo", "available_engines",
            "make_engine"]
 
-_ENGINES = {
-    "identity": "dimscope.engines.identity:IdentityEngine",
-    "vst_gaussian": "dimscope.engines.vst_gaussian:VSTGaussianEngine",
+_ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "identity": ("dimscope.engines.identity:IdentityEngine", {}),
+    "vst_gaussian": ("dimscope.engines.vst_gaussian:VSTGaussianEngine", {}),
+    # Trained models: same engine, different shipped model file (option `model`).
+    "denoise": ("dimscope.engines.model_engine:ModelEngine", {"model": "denoise"}),
+    "sr2": ("dimscope.engines.model_engine:ModelEngine", {"model": "sr2"}),
+    "model": ("dimscope.engines.model_engine:ModelEngine", {}),
 }
 
 
@@ -28,10 +32,11 @@ def make_engine(name: str, **options: Any) -> Engine:
     """Construct an engine by name; unknown names and bad options raise `EngineError`."""
     if name not in _ENGINES:
         raise EngineError(f"unknown engine {name!r}; available: {', '.join(sorted(_ENGINES))}")
-    module_name, _, cls_name = _ENGINES[name].partition(":")
+    target, defaults = _ENGINES[name]
+    module_name, _, cls_name = target.partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     try:
-        engine: Engine = cls(**options)
+        engine: Engine = cls(**{**defaults, **options})
     except TypeError as exc:
         raise EngineError(str(exc)) from None
     return engine

@@ -20,6 +20,7 @@ class EngineInfo:
     version: str
     runtime: str = "numpy"
     precision: str = "fp32"
+    scale: int = 1
 
 
 @dataclass(frozen=True, slots=True)

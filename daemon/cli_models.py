@@ -1,0 +1,125 @@
+"""`dimscope train` and `dimscope eval`: the model side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from dimscope.engines.train import TrainSettings, train
+    except ImportError as exc:
+        print(f"dimscope: training needs the `train` extra (pip install 'dimscope[train]'): "
+              f"{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    hparams: dict[str, Any] = {}
+    if args.channels:
+        hparams["channels"] = args.channels
+    if args.levels:
+        hparams["levels"] = args.levels
+    settings = TrainSettings(
+        task=args.task, data=[str(d) for d in args.data], sim_fraction=args.sim_fraction,
+        crappifier=args.crappifier, arch=args.arch, hparams=hparams, steps=args.steps,
+        batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
+        val_low=str(args.val_low) if args.val_low else None,
+        val_high=str(args.val_high) if args.val_high else None, val_every=args.val_every,
+        checkpoint_every=args.val_every, init=args.init, name=args.name, version=args.version)
+    out = args.out or Path(f"{args.name or args.task}.onnx")
+    try:
+        result = train(settings, out, checkpoint=args.checkpoint, resume=args.resume,
+                       progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {result['model']} (+ {Path(result['model']).with_suffix('.json').name}): "
+          f"{result['steps']} steps, loss {result['loss']:.4f}, "
+          f"validation PSNR {result['val_psnr']:.2f} dB")
+    return EXIT_OK
+
+
+def add_train_parser(sub: Any) -> None:
+    t = sub.add_parser("train", help="train a model from good images (crappifier) and "
+                       "export it as ONNX with a model card")
+    t.add_argument("task", choices=["denoise", "sr2"])
+    t.add_argument("--data", type=Path, nargs="*", default=[],
+                   help="folders or TIFF files of good images (every 2-D plane is used)")
+    t.add_argument("--sim-fraction", type=float, default=0.5,
+                   help="share of training crops taken from the simulated microscope's "
+                        "ground truth (1.0 when no --data)")
+    t.add_argument("--crappifier", choices=["physical", "pssr"], default="physical")
+    t.add_argument("--arch", choices=["restore", "care_unet"], default="restore")
+    t.add_argument("--channels", type=int, default=None)
+    t.add_argument("--levels", type=int, default=None)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--patch", type=int, default=128, help="input crop size in pixels")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-low", type=Path, default=None, help="real low-SNR validation stack")
+    t.add_argument("--val-high", type=Path, default=None, help="its high-SNR counterpart")
+    t.add_argument("--val-every", type=int, default=100,
+                   help="validate and checkpoint every N steps")
+    t.add_argument("--init", default=None,
+                   help="fine-tune: start from this model (shipped name or .onnx path)")
+    t.add_argument("--out", type=Path, default=None, help="output .onnx (default TASK.onnx)")
+    t.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint file (default: OUT with .ckpt)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    t.add_argument("--name", default=None, help="model name in the card (default TASK)")
+    t.add_argument("--version", default="1", help="model version in the card")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+
+def _dump(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dimscope.engines import EngineError
+
+    try:
+        from dimscope.engines.evaluate import format_table, run_eval
+    except ImportError as exc:
+        print(f"dimscope: evaluation needs the `eval` extra (pip install 'dimscope[eval]'): "
+              f"{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    models = args.model or [args.task]
+    try:
+        results = run_eval(args.task, args.low, args.high, models, runtime=args.runtime,
+                           skip=args.skip, limit=args.limit, montage_path=args.montage)
+    except (EngineError, ValueError, FileNotFoundError) as exc:
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_table(results))
+    if args.json:
+        _dump(results, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.montage:
+        print(f"wrote {args.montage}", file=sys.stderr)
+    return EXIT_OK
+
+
+def add_eval_parser(sub: Any) -> None:
+    e = sub.add_parser("eval", help="PSNR/SSIM/NRMSE of models and classical baselines on "
+                       "same-field low/high images")
+    e.add_argument("task", choices=["denoise", "sr2"])
+    e.add_argument("--low", type=Path, required=True, help="low-light image or stack")
+    e.add_argument("--high", type=Path, required=True,
+                   help="same-field ground truth (for sr2 at twice the sampling)")
+    e.add_argument("--model", action="append", default=None,
+                   help="model name or .onnx path (repeatable; default: the shipped TASK model)")
+    e.add_argument("--runtime", default="auto", help="runtime for the models (default auto)")
+    e.add_argument("--skip", nargs="*", default=[], help="classical methods to leave out "
+                   "(vst_gaussian, nlm, bm3d)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    e.add_argument("--json", type=Path, default=None, help="write results as JSON")
+    e.add_argument("--montage", type=Path, default=None,
+                   help="write a PNG: raw | model(s) | ground truth")
+    e.set_defaults(func=cmd_eval)

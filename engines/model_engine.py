@@ -1,0 +1,92 @@
+"""The engine for trained models (`denoise`, `sr2`, or any exported model file).
+
+Per frame: percentile-normalise with the model card's settings, run the
+network through the chosen runtime (in overlapping tiles when the frame is
+larger than `tile`), and map the result back to the camera's intensity units.
+Output is float32, `scale` times the input size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import normalize
+from .base import CameraCalibration, EngineError, EngineInfo
+from .model_file import file_digest, read_card, resolve_model
+from .runtime import RUNTIME_CHOICES, Runtime, open_runtime
+from .tiling import input_shape, run_tiled
+
+
+def fixed_input_dims(path: Path) -> tuple[int | None, int | None]:
+    """(height, width) of the model's first input where they are fixed numbers, else None."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return (values[2], values[3]) if len(values) == 4 else (None, None)
+
+
+class ModelEngine:
+    def __init__(self, model: str = "denoise", runtime: str = "auto", precision: str = "auto",
+                 tile: int = 1024, halo: int = 32, **options: Any) -> None:
+        if options:
+            raise TypeError(f"model engine options: model, runtime, precision, tile, halo; "
+                            f"got unknown {sorted(options)}")
+        if runtime not in RUNTIME_CHOICES:
+            raise EngineError(f"unknown runtime {runtime!r}; choose from "
+                              f"{', '.join(RUNTIME_CHOICES)}")
+        self.path = resolve_model(model)
+        self.card = read_card(self.path)
+        if self.card.inputs != 1:
+            raise EngineError(f"model {self.path.name} is a {self.card.inputs}-frame "
+                              f"{self.card.task} model, not a frame-by-frame enhancer")
+        self.digest = file_digest(self.path)
+        self.scale = self.card.scale
+        self.norm = self.card.norm()
+        self.runtime_kind, self.precision_request = runtime, precision
+        self.tile, self.halo = tile, halo
+        if tile % self.card.multiple or halo % self.card.multiple or tile <= 2 * halo:
+            raise EngineError(f"tile ({tile}) and halo ({halo}) must be multiples of "
+                              f"{self.card.multiple} with tile > 2*halo")
+        self.runtime: Runtime | None = None
+        self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
+                               runtime="not loaded", precision=precision,
+                               scale=self.scale)
+
+    def prepare(self, shape: tuple[int, ...], dtype: np.dtype[np.generic],
+                calibration: CameraCalibration) -> None:
+        if len(shape) != 2:
+            raise EngineError(f"model {self.card.name!r} takes 2-D grey frames, got {shape}")
+        h, w = input_shape(shape[0], shape[1], self.tile, self.card.multiple)
+        fixed = fixed_input_dims(self.path)
+        if any(f is not None and f != n for f, n in zip(fixed, (h, w), strict=True)):
+            raise EngineError(
+                f"model {self.path.name} takes fixed {fixed[0]}x{fixed[1]} inputs, but camera "
+                f"frames of {shape[0]}x{shape[1]} need {h}x{w}; export the model with dynamic "
+                f"height/width (`dimscope train` does) or set tile to match")
+        if self.runtime is not None:
+            self.runtime.close()
+        self.runtime = open_runtime(self.runtime_kind, self.path, self.card,
+                                    self.precision_request)
+        self.runtime.compile((1, 1, h, w))
+        self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
+                               runtime=self.runtime.name, precision=self.runtime.precision,
+                               scale=self.scale)
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        if self.runtime is None:
+            raise EngineError("prepare() must run before process()")
+        lo, hi = self.norm.bounds(pixels)
+        x = normalize.apply(pixels, lo, hi)
+        y = run_tiled(x, self.runtime.run, tile=self.tile, halo=self.halo, scale=self.scale,
+                      multiple=self.card.multiple)
+        return normalize.invert(y, lo, hi)
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None

@@ -1,0 +1,298 @@
+"""`dimscope train denoise|sr2`: crappify good images, train, export ONNX with a card.
+
+Training pairs are made on the fly: a random crop of a good image (a folder of
+TIFFs, e.g. `../shared/data/singles/`, and/or the simulated microscope's
+noiseless ground truth) is degraded by a crappifier into what a low-light
+acquisition of it looks like. Input and target are both normalised with the
+*input's* percentiles — exactly what the runtime does — so the network learns
+to restore in the units the camera gives it. Checkpoints are written every
+`checkpoint_every` steps and training resumes from one; `init` starts from an
+existing model file (fine-tuning on one's own sample).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+
+from . import normalize
+from .crappify import make_crappifier
+from .export import export_onnx
+from .model_file import ModelCard, read_card, resolve_model
+from .nets import build_network, count_parameters, multiple_of
+from .normalize import PercentileNorm
+from .quality import fit_to, normalize_truth, psnr
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
+    "restore": {"channels": 16, "levels": 3},
+    "care_unet": {"channels": 32, "levels": 3},
+}
+
+
+@dataclass
+class TrainSettings:
+    task: str = "denoise"
+    data: list[str] = field(default_factory=list)
+    sim_fraction: float = 0.5
+    crappifier: str = "physical"
+    arch: str = "restore"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    steps: int = 2000
+    batch: int = 8
+    patch: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    val_low: str | None = None
+    val_high: str | None = None
+    val_every: int = 100
+    checkpoint_every: int = 100
+    init: str | None = None
+    name: str | None = None
+    version: str = "1"
+
+    @property
+    def scale(self) -> int:
+        return 2 if self.task == "sr2" else 1
+
+
+# -- data -----------------------------------------------------------------------------
+def image_planes(path: Path) -> list[np.ndarray]:
+    """Every 2-D plane of a TIFF (channels, z, t, RGB), each scaled to 0..1 by percentiles."""
+    data = np.asarray(tifffile.imread(path))
+    if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
+        data = np.moveaxis(data, -1, 0)  # RGB(A) last -> planes first
+    planes = data.reshape(-1, *data.shape[-2:]) if data.ndim > 2 else data[None]
+    out = []
+    for plane in planes:
+        p = plane.astype(np.float32)
+        lo, hi = np.percentile(p, [0.1, 99.9])
+        if hi - lo > 1e-6:
+            out.append(np.clip((p - lo) / (hi - lo), 0.0, 1.5))
+    return out
+
+
+def collect_images(sources: list[str]) -> list[np.ndarray]:
+    files: list[Path] = []
+    for s in sources:
+        p = Path(s).expanduser()
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in (".tif", ".tiff"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"training data not found: {p}")
+    planes: list[np.ndarray] = []
+    for f in files:
+        planes += image_planes(f)
+    return planes
+
+
+class PairSampler:
+    """Random (low, target) training pairs, normalised the way the runtime normalises."""
+
+    def __init__(self, settings: TrainSettings, rng: np.random.Generator) -> None:
+        self.s, self.rng = settings, rng
+        self.scale = settings.scale
+        self.crappify = make_crappifier(settings.crappifier, downsample=self.scale)
+        self.norm = PercentileNorm()
+        need = settings.patch * self.scale
+        self.images = [p for p in collect_images(settings.data) if min(p.shape) >= need]
+        if settings.data and not self.images:
+            raise ValueError(f"no image in {settings.data} is at least {need}x{need} pixels")
+        self.sim_fraction = settings.sim_fraction if self.images else 1.0
+        self._specimens: list[Any] = []
+
+    def _sim_truth(self, size: int) -> np.ndarray:
+        from dimscope.drivers.specimen import Specimen
+
+        if not self._specimens:
+            side = max(self.s.patch * 2, 192)
+            self._specimens = [Specimen(side, side, seed=int(self.rng.integers(1 << 30)),
+                                        n_tubules=int(self.rng.integers(15, 60)),
+                                        n_puncta=int(self.rng.integers(5, 40)),
+                                        psf_sigma_px=float(self.rng.uniform(0.8, 1.8)))
+                               for _ in range(6)]
+        spec = self._specimens[int(self.rng.integers(len(self._specimens)))]
+        state = spec.state_at(float(self.rng.uniform(0, 60)), 1.0)
+        full = spec.render(state, scale=self.scale)  # truth at the target sampling
+        y0 = int(self.rng.integers(0, full.shape[0] - size + 1))
+        x0 = int(self.rng.integers(0, full.shape[1] - size + 1))
+        crop = full[y0:y0 + size, x0:x0 + size]
+        return crop / max(float(crop.max()), 0.3)
+
+    def _real_truth(self, size: int) -> np.ndarray:
+        img = self.images[int(self.rng.integers(len(self.images)))]
+        y0 = int(self.rng.integers(0, img.shape[0] - size + 1))
+        x0 = int(self.rng.integers(0, img.shape[1] - size + 1))
+        return img[y0:y0 + size, x0:x0 + size]
+
+    def pair(self) -> tuple[np.ndarray, np.ndarray]:
+        size = self.s.patch * self.scale
+        use_sim = self.rng.random() < self.sim_fraction
+        clean = self._sim_truth(size) if use_sim else self._real_truth(size)
+        clean = np.rot90(clean, int(self.rng.integers(4)))
+        if self.rng.random() < 0.5:
+            clean = clean[:, ::-1]
+        low, target = self.crappify(np.ascontiguousarray(clean), self.rng)
+        lo, hi = self.norm.bounds(low)
+        return normalize.apply(low, lo, hi), normalize.apply(target, lo, hi)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self.pair() for _ in range(self.s.batch)]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
+        y = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None])
+        return x, y
+
+
+def load_validation(settings: TrainSettings, rng_seed: int = 1234, n: int = 6
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(low, high) validation pairs: real pairs when given, else held-out simulated ones."""
+    if settings.val_low and settings.val_high and settings.scale == 1:
+        low = np.asarray(tifffile.imread(settings.val_low), dtype=np.float32)
+        high = np.asarray(tifffile.imread(settings.val_high), dtype=np.float32)
+        low, high = low.reshape(-1, *low.shape[-2:]), high.reshape(-1, *high.shape[-2:])
+        out = []
+        for i in range(min(n, len(low))):
+            h, w = low[i].shape
+            c = min(256, h, w)
+            y0, x0 = (h - c) // 2, (w - c) // 2
+            out.append((low[i, y0:y0 + c, x0:x0 + c], high[i, y0:y0 + c, x0:x0 + c]))
+        return out
+    held_out = TrainSettings(**{**asdict(settings), "data": [], "patch": 128})
+    sampler = PairSampler(held_out, np.random.default_rng(rng_seed))
+    pairs = []
+    for _ in range(n):
+        size = 128 * settings.scale
+        clean = sampler._sim_truth(size)
+        low, target = sampler.crappify(clean, sampler.rng)
+        pairs.append((low, target))
+    return pairs
+
+
+@torch.inference_mode()
+def validate(net: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]],
+             multiple: int) -> float:
+    """Mean PSNR (dB, quality.py convention) of the network on the validation pairs."""
+    net.eval()
+    norm = PercentileNorm()
+    values = []
+    for low, high in pairs:
+        h, w = (s - s % multiple for s in low.shape)
+        low_c = low[:h, :w]
+        lo, hi = norm.bounds(low_c)
+        out = net(torch.from_numpy(normalize.apply(low_c, lo, hi))[None, None])[0, 0].numpy()
+        truth = high[:out.shape[0], :out.shape[1]]
+        t = normalize_truth(truth)
+        values.append(psnr(t, fit_to(t, out)))
+    net.train()
+    return float(np.mean(values))
+
+
+# -- training ---------------------------------------------------------------------------
+def _progress(total: int, initial: int) -> Any:
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                    file=sys.stderr)
+    except ImportError:  # tqdm is in the `train` extra; work without it
+        return None
+
+
+def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
+          resume: bool = False, progress: bool = True, pause_at: int | None = None
+          ) -> dict[str, Any]:
+    """Train (or resume, or fine-tune) and export `out` (.onnx + .json card).
+
+    `pause_at` stops early at that step (checkpointed and exported) without
+    changing the schedule, so a later `resume=True` continues the same run.
+    """
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    checkpoint = checkpoint or out.with_suffix(".ckpt")
+    if settings.init:
+        init_path = resolve_model(settings.init)
+        init_card = read_card(init_path)
+        if init_card.task != settings.task:
+            raise ValueError(f"cannot fine-tune a {init_card.task} model for {settings.task}")
+        settings.arch, settings.hparams = init_card.arch, dict(init_card.hparams)
+    hparams = {**DEFAULT_HPARAMS.get(settings.arch, {}), **settings.hparams,
+               "scale": settings.scale}
+    settings.hparams = hparams
+    net = build_network(settings.arch, **hparams)
+    if settings.init:
+        from .runtime_torch import network_from_file
+
+        net.load_state_dict(network_from_file(init_path, init_card).state_dict())
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)
+    step, history, running = 0, [], 0.0
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = int(state["step"]), list(state["history"])
+        running = float(state["running_loss"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at step %d", checkpoint, step)
+    sampler = PairSampler(settings, rng)
+    multiple = multiple_of(settings.arch, hparams)
+    val_pairs = load_validation(settings)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, settings.steps) / settings.steps))
+        * 0.99 + 0.01, last_epoch=step - 1 if step else -1)
+    bar = _progress(settings.steps, step) if progress else None
+    started = time.monotonic()
+    val_psnr = history[-1]["val_psnr"] if history else float("nan")
+    net.train()
+    last = min(settings.steps, pause_at) if pause_at is not None else settings.steps
+    while step < last:
+        x, y = sampler.batch()
+        loss = F.l1_loss(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        value = loss.item()
+        running = 0.9 * running + 0.1 * value if step > 1 else value
+        if step % settings.val_every == 0 or step == last:
+            val_psnr = validate(net, val_pairs, multiple)
+            history.append({"step": step, "loss": running, "val_psnr": val_psnr})
+        if step % settings.checkpoint_every == 0 or step == last:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": step, "history": history, "running_loss": running,
+                        "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                        "settings": asdict(settings)},
+                       checkpoint)
+        if bar is not None:
+            bar.set_postfix(loss=f"{running:.4f}", val_psnr=f"{val_psnr:.2f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    card = ModelCard(
+        name=settings.name or settings.task, task=settings.task,  # type: ignore[arg-type]
+        version=settings.version, arch=settings.arch, hparams=hparams, scale=settings.scale,
+        multiple=multiple, normalization=PercentileNorm().as_dict(),
+        training={"command": " ".join(["dimscope", *sys.argv[1:]]) if sys.argv else "",
+                  "settings": asdict(settings), "parameters": count_parameters(net),
+                  "steps": step, "final_loss": running, "val_psnr": val_psnr,
+                  "seconds_this_session": round(time.monotonic() - started, 1),
+                  "torch": torch.__version__,
+                  "date": time.strftime("%Y-%m-%d")})
+    export_onnx(net, card, out)
+    return {"model": str(out), "steps": step, "loss": running, "val_psnr": val_psnr,
+            "history": history, "card": json.loads(card.model_dump_json())}

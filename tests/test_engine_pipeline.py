@@ -1,0 +1,152 @@
+"""Trained-model engines inside the live pipeline, and `dimscope eval`, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from dimscope.daemon.archive import read_index
+from dimscope.daemon.cli import main
+from dimscope.daemon.client import Subscriber
+from dimscope.daemon.pipeline import Pipeline
+
+from .conftest import make_config
+from .test_engines import _export_fresh
+
+
+@pytest.fixture(scope="module")
+def sr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export_fresh(tmp_path_factory.mktemp("sr") / "sr.onnx", scale=2)
+
+
+def _run_and_collect(cfg, seconds: float) -> tuple[dict, list]:  # type: ignore[no-untyped-def]
+    pipeline = Pipeline(cfg)
+    pipeline.start()
+    received: list = []
+    stop = threading.Event()
+    sub = Subscriber(pipeline.publish_endpoint or "", topics=["raw", "enhanced"])
+
+    def collect() -> None:
+        while not stop.is_set():
+            msg = sub.recv(timeout_s=0.1)
+            if msg is not None:
+                received.append((msg.topic, msg.header, np.array(msg.pixels)))
+
+    worker = threading.Thread(target=collect)
+    worker.start()
+    pipeline.wait(duration_s=seconds)
+    summary = pipeline.stop()
+    time.sleep(0.3)
+    stop.set()
+    worker.join()
+    sub.close()
+    return summary, received
+
+
+def test_sr2_stream_is_twice_the_size_and_says_so_while_raw_archive_is_unchanged(
+        tmp_path: Path, sr_model: Path) -> None:
+    cfg = make_config(tmp_path, engine={"name": "model",
+                                        "options": {"model": str(sr_model),
+                                                    "runtime": "openvino"}})
+    summary, received = _run_and_collect(cfg, 2.0)
+    assert summary["error"] is None and summary["engine_error"] is None
+    assert summary["engine_info"]["runtime"] == "openvino"
+    assert summary["engine_info"]["scale"] == 2
+    enhanced = [(h, px) for t, h, px in received if t == "enhanced"]
+    raw = [(h, px) for t, h, px in received if t == "raw"]
+    assert enhanced and raw
+    for h, px in enhanced:
+        assert px.shape == (192, 256) and h["shape"] == [192, 256] and h["scale"] == 2
+        assert h["pixel_size_um"] == pytest.approx(raw[0][0]["pixel_size_um"] / 2)
+        assert h["engine"]["runtime"] == "openvino" and h["engine"]["precision"] == "fp32"
+        assert h["engine"]["version"].endswith(summary["engine_info"]["version"].split("+")[1])
+    archived, _torn = read_index(Path(summary["run_dir"]))
+    assert len(archived) == summary["acquired"]
+    assert tifffile.imread(summary["archive_files"][0]).shape[1:] == (96, 128)
+
+
+def test_missing_model_runs_raw_only_and_archives_every_frame(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.onnx"
+    cfg = make_config(tmp_path, engine={"name": "model", "options": {"model": str(missing)}})
+    summary, received = _run_and_collect(cfg, 1.5)
+    assert summary["error"] is None
+    assert f"model file not found: {missing}" in summary["engine_error"]
+    assert summary["acquired"] == summary["archived"] > 10
+    assert len(read_index(Path(summary["run_dir"]))[0]) == summary["acquired"]
+    assert {t for t, _, _ in received} == {"raw"}
+    assert "engine" not in summary["stages"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dimscope.daemon.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_corrupt_model_cli_says_so_keeps_archiving_and_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[source]\nkind = "sim"\nwidth = 64\nheight = 64\n'
+                   '[publish]\naddress = "tcp://127.0.0.1:*"\n'
+                   f'[engine]\nname = "model"\noptions = {{ model = "{bad}" }}\n')
+    check = _cli("check-config", str(cfg))
+    assert check.returncode == 2 and "is not a valid ONNX model" in check.stderr
+    run = _cli("run", "-c", str(cfg), "--frames", "20", "--out", str(tmp_path / "runs"), "-q",
+               "--summary-json", str(tmp_path / "s.json"))
+    assert run.returncode == 1
+    assert "ENGINE ERROR, running raw only" in run.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["acquired"] == summary["archived"] == 20
+    # With the strict policy the same problem refuses to start and writes nothing.
+    strict = tmp_path / "strict.toml"
+    strict.write_text(cfg.read_text().replace('name = "model"',
+                                              'name = "model"\non_failure = "stop"'))
+    refused = _cli("run", "-c", str(strict), "--frames", "5", "--out", str(tmp_path / "r2"))
+    assert refused.returncode == 2 and "is not a valid ONNX model" in refused.stderr
+    assert not (tmp_path / "r2").exists()
+
+
+def test_eval_cli_reports_every_method_and_writes_json_and_montage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dimscope.drivers.camera_noise import CameraNoise
+    from dimscope.drivers.specimen import Specimen
+
+    spec = Specimen(64, 64, seed=5, n_tubules=20)
+    truths = [spec.render(spec.state_at(t, 1.0)) * 20 for t in (0.0, 2.0)]
+    noise = CameraNoise(seed=1)
+    lows = [noise.expose(t, read_noise_e=1.0, gain_adu_per_e=1.0, offset_adu=10.0, bit_depth=16)
+            for t in truths]
+    tifffile.imwrite(tmp_path / "low.tif", np.stack(lows))
+    tifffile.imwrite(tmp_path / "high.tif", np.stack(truths))
+    model = _export_fresh(tmp_path / "m.onnx")
+    rc = main(["eval", "denoise", "--low", str(tmp_path / "low.tif"), "--high",
+               str(tmp_path / "high.tif"), "--model", str(model), "--json",
+               str(tmp_path / "r.json"), "--montage", str(tmp_path / "m.png")])
+    assert rc == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert {"raw", "vst_gaussian", "nlm", "bm3d", "fresh (m.onnx)"} <= set(results)
+    for r in results.values():
+        assert {"psnr", "ssim", "nrmse"} <= set(r) and len(r["per_pair"]) == 2
+    # The classical denoisers do denoise these frames.
+    assert results["bm3d"]["psnr"] > results["raw"]["psnr"] + 2
+    assert "PSNR dB" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(tmp_path / "m.png").size == (64 * 3 + 8, 64)
+
+
+def test_eval_rejects_mismatched_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    tifffile.imwrite(tmp_path / "low.tif", np.zeros((2, 32, 32), np.uint16))
+    tifffile.imwrite(tmp_path / "high.tif", np.zeros((2, 32, 32), np.uint16))
+    rc = main(["eval", "sr2", "--low", str(tmp_path / "low.tif"), "--high",
+               str(tmp_path / "high.tif"), "--model", "/nonexistent/x.onnx"])
+    assert rc == 2 and "model file not found" in capsys.readouterr().err
