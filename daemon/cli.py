@@ -25,10 +25,15 @@ def _fmt_status(p: Any) -> str:
     eng = s["latency_ms"].get("engine") or {}
     info = s.get("engine_info") or {}
     runtime = f"{info.get('runtime', '-')}/{info.get('precision', '-')}" if info else "RAW ONLY"
+    budget = s.get("budget")
+    tier = (f"  budget {budget['budget_ms']:g} ms tier {budget['tier']}:{budget['tier_name']} "
+            f"miss {budget['missed']} skip {budget['skipped']}") if budget else ""
+    interp = st.get("interpolate")
+    interp_txt = f"  interp {interp['passed']} late {interp['late']}" if interp else ""
     return (f"{s['elapsed_s']:7.1f}s  acq {s['acquired']:>7d} ({s['fps']:6.1f} fps)  "
             f"arch {s['archived']:>7d}  enh {s['enhanced']:>7d}  drop {drops:>5d}  "
             f"q[{depth}]  engine[{runtime}] p50 {eng.get('p50', 0):5.1f} ms  "
-            f"e2e p50 {lat.get('p50', 0):5.1f} p99 {lat.get('p99', 0):5.1f} ms")
+            f"e2e p50 {lat.get('p50', 0):5.1f} p99 {lat.get('p99', 0):5.1f} ms{tier}{interp_txt}")
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -42,6 +47,13 @@ def _print_summary(s: dict[str, Any]) -> None:
               f"({info['precision']}, x{info['scale']})", file=out)
     if s.get("engine_error"):
         print(f"ENGINE ERROR (ran raw only): {s['engine_error']}", file=out)
+    if s.get("interpolate_error"):
+        print(f"INTERPOLATION ERROR (not interpolated): {s['interpolate_error']}", file=out)
+    if s.get("budget"):
+        b = s["budget"]
+        print(f"budget {b['budget_ms']:g} ms: final tier {b['tier']} ({b['tier_name']}), "
+              f"{b['tier_changes']} tier change(s), {b['missed']} enhanced frame(s) late, "
+              f"{b['skipped']} skipped (published raw, flagged)", file=out)
     print(f"acquired {s['acquired']}  archived {s['archived']}  enhanced {s['enhanced']}  "
           f"published {s['published']}", file=out)
     print(f"{'stage':<18}{'received':>10}{'passed':>10}{'dropped':>10}{'late':>8}"
@@ -75,7 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.engine not in available_engines():
                 raise EngineError(f"unknown engine {args.engine!r}; available: "
                                   f"{', '.join(sorted(available_engines()))}")
-        pipeline = Pipeline(config, out_dir=args.out, engine=args.engine)
+        pipeline = Pipeline(config, out_dir=args.out, engine=args.engine,
+                            interpolate=args.interpolate)
     except (ConfigError, EngineError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -131,7 +144,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     from .client import Subscriber
 
-    topics = [args.topic] if args.topic else ["raw", "enhanced"]
+    topics = [args.topic] if args.topic else ["raw", "enhanced", "interpolated"]
     saved: list[np.ndarray] = []
     ids: list[dict[str, Any]] = []
     interrupted = False
@@ -237,13 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     r.add_argument("--out", type=Path, default=None, help="parent folder of the run folder")
     r.add_argument("--engine", default=None, help="engine name (overrides the config)")
+    r.add_argument("--interpolate", type=int, choices=[1, 2, 4], default=None,
+                   help="publish 1 (2) or 3 (4) interpolated frames per interval "
+                        "(overrides the config)")
     r.add_argument("--summary-json", type=Path, default=None, help="write the summary as JSON")
     r.add_argument("-q", "--quiet", action="store_true", help="no live status line")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("subscribe", help="print (and optionally save) published frames")
     s.add_argument("--address", default="tcp://127.0.0.1:5555")
-    s.add_argument("--topic", choices=["raw", "enhanced"], default=None)
+    s.add_argument("--topic", choices=["raw", "enhanced", "interpolated"], default=None)
     s.add_argument("--count", type=int, default=None)
     s.add_argument("--timeout", type=float, default=None,
                    help="give up if no frame arrives within S seconds")

@@ -46,14 +46,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a model from good images (crappifier) and "
                        "export it as ONNX with a model card")
-    t.add_argument("task", choices=["denoise", "sr2"])
+    t.add_argument("task", choices=["denoise", "sr2", "interp"])
     t.add_argument("--data", type=Path, nargs="*", default=[],
                    help="folders or TIFF files of good images (every 2-D plane is used)")
     t.add_argument("--sim-fraction", type=float, default=0.5,
                    help="share of training crops taken from the simulated microscope's "
                         "ground truth (1.0 when no --data)")
     t.add_argument("--crappifier", choices=["physical", "pssr"], default="physical")
-    t.add_argument("--arch", choices=["restore", "care_unet"], default="restore")
+    t.add_argument("--arch", choices=["restore", "care_unet", "interp"], default="restore")
     t.add_argument("--channels", type=int, default=None)
     t.add_argument("--levels", type=int, default=None)
     t.add_argument("--steps", type=int, default=2000)

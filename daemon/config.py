@@ -155,14 +155,36 @@ class ArchiveConfig(_Model):
         2.0, ge=0, description="fsync data+index this often (0 = never; SIGKILL-safe anyway)")
 
 
+class TierConfig(_Model):
+    """A faster fallback for the latency budget: another engine and/or other options."""
+
+    name: str
+    options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from dimscope.engines import available_engines
+
+        if name not in available_engines():
+            raise ValueError(f"unknown engine {name!r}; available: "
+                             f"{', '.join(sorted(available_engines()))}")
+        return name
+
+
 class EngineConfig(_Model):
-    name: str = "vst_gaussian"
+    name: str = "denoise"
     queue_frames: int = Field(
         1, ge=1, description="frames waiting for the engine; when full the oldest is skipped")
     on_failure: Literal["raw_only", "stop"] = Field(
         "raw_only", description="if the engine cannot load or run: keep acquiring and "
         "archiving raw frames without enhancement (raw_only), or refuse to run (stop)")
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    budget_ms: float | None = Field(
+        None, gt=0, description="acquisition-to-publication budget for enhanced frames; "
+        "over it: faster tier, then skip (see README: Latency budgets)")
+    tiers: tuple[TierConfig, ...] = Field(
+        (), description="faster fallbacks, in order, used when the budget is not met")
 
     @field_validator("name")
     @classmethod
@@ -173,6 +195,16 @@ class EngineConfig(_Model):
         if name not in names:
             raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(names))}")
         return name
+
+
+class InterpolateConfig(_Model):
+    """Live frame interpolation between consecutive (enhanced) frames."""
+
+    factor: Literal[1, 2, 4] = Field(
+        1, description="1 = off; 2 or 4 = publish 1 or 3 synthesised frames per interval")
+    method: Literal["model", "linear", "repeat"] = "model"
+    options: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="for method 'model': model, runtime, precision")
 
 
 class PublishConfig(_Model):
@@ -197,6 +229,7 @@ class Config(_Model):
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    interpolate: InterpolateConfig = Field(default_factory=InterpolateConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
 
 

@@ -20,12 +20,14 @@ from psygnal import Signal
 
 from dimscope.drivers import SourceError, make_source
 from dimscope.engines import CameraCalibration, EngineError, make_engine
+from dimscope.engines.interpolators import make_interpolator
 
 from . import __version__
 from .acquisition import Acquisition
 from .archive import RawArchive
 from .config import Config
 from .engine_stage import EngineStage
+from .interpolation_stage import InterpolationStage
 from .publisher import PublishSocket, PublishStage
 from .stage import Stage
 
@@ -60,6 +62,14 @@ def _engine_info(info: Any) -> dict[str, Any] | None:
             "precision": info.precision, "scale": info.scale}
 
 
+def _budget(engine: Any) -> dict[str, Any] | None:
+    if engine is None or engine.budget_ms is None:
+        return None
+    return {"budget_ms": engine.budget_ms, "tier": engine.tier, "tier_name": engine.tier_name,
+            "tier_changes": engine.tier_changes, "skipped": engine.skipped,
+            "missed": engine.counters.late}
+
+
 class Pipeline:
     """One run: open the source, start the stages, acquire, stop cleanly, summarise."""
 
@@ -67,8 +77,9 @@ class Pipeline:
     finished = Signal()
 
     def __init__(self, config: Config, *, out_dir: Path | None = None,
-                 engine: str | None = None) -> None:
+                 engine: str | None = None, interpolate: int | None = None) -> None:
         self.config = config
+        self.interpolate_factor = interpolate
         self.engine_name = engine or config.engine.name
         self.out_dir = Path(out_dir) if out_dir is not None else config.archive.out_dir
         self.source = make_source(config.source)
@@ -78,6 +89,7 @@ class Pipeline:
         self.socket: PublishSocket | None = None
         self.error: str | None = None
         self.engine_error: str | None = None
+        self.interpolate_error: str | None = None
         self.engine_info: Any = None
         self._stop_requested = threading.Event()
 
@@ -123,6 +135,33 @@ class Pipeline:
         self.engine_info = engine.info
         return engine
 
+    def _tier_factories(self, calibration: CameraCalibration) -> list[tuple[str, Any]]:
+        factories = []
+        for tier in self.config.engine.tiers:
+            def build(tier: Any = tier) -> Any:
+                _, options = _calibration_from_options(dict(tier.options), calibration)
+                return make_engine(tier.name, **options)
+
+            label = tier.name + ("" if not tier.options else " " + ",".join(
+                f"{k}={v}" for k, v in tier.options.items()))
+            factories.append((label, build))
+        return factories
+
+    def _interpolation_stage(self) -> InterpolationStage | None:
+        cfg = self.config.interpolate
+        factor = self.interpolate_factor or cfg.factor
+        if factor <= 1:
+            return None
+        try:
+            interpolator = make_interpolator(cfg.method, **dict(cfg.options))
+        except EngineError as exc:
+            if self.config.engine.on_failure == "stop":
+                raise
+            self.interpolate_error = str(exc)
+            log.error("interpolation unavailable (raw archiving unaffected): %s", exc)
+            return None
+        return InterpolationStage(interpolator, factor)
+
     def _start_stages(self, max_frames: int | None) -> None:
         cfg = self.config
         calibration, _ = _calibration_from_options(dict(cfg.engine.options),
@@ -146,16 +185,25 @@ class Pipeline:
             pub_raw = PublishStage("raw", self.socket, cfg.acquisition.raw_queue_frames)
             consumers.append(pub_raw)
             stages.append(pub_raw)
+        interp_stage = self._interpolation_stage()
         if engine is not None:
-            engine_stage = EngineStage(engine, calibration, cfg.engine.queue_frames)
+            engine_stage = EngineStage(engine, calibration, cfg.engine.queue_frames,
+                                       budget_ms=cfg.engine.budget_ms,
+                                       tiers=self._tier_factories(calibration))
             consumers.append(engine_stage)
             stages.append(engine_stage)
             if cfg.publish.enhanced:
                 pub_enh = PublishStage("enhanced", self.socket, cfg.publish.queue_frames)
                 engine_stage.connect(pub_enh.offer)
                 stages.append(pub_enh)
-            else:
-                engine_stage.connect(lambda _frame: None)
+            if interp_stage is not None:
+                engine_stage.connect(interp_stage.offer)  # interpolate what viewers see
+        elif interp_stage is not None:
+            consumers.append(interp_stage)
+        if interp_stage is not None:
+            pub_interp = PublishStage("interpolated", self.socket, cfg.publish.queue_frames)
+            interp_stage.connect(pub_interp.offer)
+            stages += [interp_stage, pub_interp]
         for stage in stages:
             stage.on_error(self._stage_failed)
         self.stages = stages
@@ -263,6 +311,9 @@ class Pipeline:
                 published += s.counters.passed
         if engine is not None:
             latency["engine"] = engine.latency.summary()
+        interp = self.stage("interpolate")
+        if interp is not None:
+            latency["interpolate"] = interp.latency.summary()
         acquired = acq.counters.received if acq is not None else 0
         elapsed = self.elapsed_s()
         return {
@@ -276,6 +327,8 @@ class Pipeline:
             "engine": self.engine_name,
             "engine_info": _engine_info(self.engine_info),
             "engine_error": self.engine_error,
+            "interpolate_error": self.interpolate_error,
+            "budget": _budget(engine),
             "source": self.source.name,
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "archive_files": [str(p) for p in getattr(archive, "files", [])],

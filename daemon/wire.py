@@ -1,6 +1,6 @@
 """The ZeroMQ wire format (see docs/wire-format.md): `[topic, header, payload]`.
 
-topic   ASCII bytes: `raw` or `enhanced` (later: `interpolated`)
+topic   ASCII bytes: `raw`, `enhanced` or `interpolated`
 header  UTF-8 JSON object, schema `dimscope.frame/1`
 payload the pixel buffer, C order, shape and dtype as the header says
 """
@@ -15,7 +15,7 @@ import numpy as np
 from .frame import Frame
 
 SCHEMA = "dimscope.frame/1"
-TOPICS = ("raw", "enhanced")
+TOPICS = ("raw", "enhanced", "interpolated")
 
 
 def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
@@ -45,6 +45,10 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         "latency_ms": frame.latency_ms(until_ns=published_mono_ns),
         "mda_index": dict(frame.mda_index),
     }
+    if frame.kind == "interpolated":
+        header["t"] = float(frame.metadata["t"])
+    if "budget" in frame.metadata:  # the engine stage's budget decision for this frame
+        header["budget"] = frame.metadata["budget"]
     return json.dumps(header, separators=(",", ":")).encode()
 
 

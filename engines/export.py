@@ -21,9 +21,13 @@ def export_onnx(net: nn.Module, card: ModelCard, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     net = net.eval().cpu()
     side = 4 * card.multiple
-    example = tuple(torch.rand(1, 1, side, side) for _ in range(card.inputs))
+    example: tuple[torch.Tensor, ...] = tuple(torch.rand(1, 1, side, side)
+                                              for _ in range(card.inputs))
     names = [f"frame{i}" for i in range(card.inputs)] if card.inputs > 1 else ["frame"]
     dynamic = {n: {2: "height", 3: "width"} for n in names}
+    if card.task == "interp":  # plus the fractional time of the wanted frame, shape (1,1,1,1)
+        example += (torch.full((1, 1, 1, 1), 0.5),)
+        names.append("t")
     dynamic["restored"] = {2: "out_height", 3: "out_width"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

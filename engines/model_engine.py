@@ -32,7 +32,7 @@ def fixed_input_dims(path: Path) -> tuple[int | None, int | None]:
 
 class ModelEngine:
     def __init__(self, model: str = "denoise", runtime: str = "auto", precision: str = "auto",
-                 tile: int = 1024, halo: int = 32, **options: Any) -> None:
+                 tile: int = 2048, halo: int = 32, **options: Any) -> None:
         if options:
             raise TypeError(f"model engine options: model, runtime, precision, tile, halo; "
                             f"got unknown {sorted(options)}")
@@ -61,7 +61,7 @@ class ModelEngine:
                 calibration: CameraCalibration) -> None:
         if len(shape) != 2:
             raise EngineError(f"model {self.card.name!r} takes 2-D grey frames, got {shape}")
-        h, w = input_shape(shape[0], shape[1], self.tile, self.card.multiple)
+        h, w = input_shape(shape[0], shape[1], self.tile, self.card.multiple, self.halo)
         fixed = fixed_input_dims(self.path)
         if any(f is not None and f != n for f, n in zip(fixed, (h, w), strict=True)):
             raise EngineError(

@@ -109,9 +109,62 @@ def build_network(arch: str, **hparams: Any) -> nn.Module:
 
 def multiple_of(arch: str, hparams: dict[str, Any]) -> int:
     """Input height and width must be multiples of this (down-sampling steps)."""
+    if arch == "interp":
+        return 4
     levels = int(hparams.get("levels", 2 if arch == "restore" else 3))
     return 2 ** (levels + 1) if arch == "restore" else 2**levels
 
 
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+class InterpNet(nn.Module):
+    """Frame interpolation (RIFE-style, tiny): the frame at time t between two frames.
+
+    Flows from the unknown frame back to both inputs and a fusion mask are
+    estimated at quarter resolution (space-to-depth ×4), upsampled, used to
+    backward-warp both frames (grid sampling), and blended; a small residual
+    at quarter resolution, pixel-shuffled back, restores detail. `t` is a
+    (1,1,1,1) tensor so one model serves factor 2 (t=0.5) and 4 (t=¼, ½, ¾).
+    """
+
+    def __init__(self, channels: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv(2 * 16 + 1, channels), nn.ReLU(inplace=True)]
+        for _ in range(depth):
+            layers += [_conv(channels, channels), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.flow = nn.Conv2d(channels, 5, 3, padding=1)  # 2 flows (4) + mask logit (1)
+        self.residual = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.PixelShuffle(4))
+
+    @staticmethod
+    def _warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = image.shape
+        ys = torch.linspace(-1.0, 1.0, h, dtype=image.dtype, device=image.device)
+        xs = torch.linspace(-1.0, 1.0, w, dtype=image.dtype, device=image.device)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        # flow is in pixels; grid_sample wants [-1, 1] coordinates (align_corners=True).
+        fx = flow[:, 0] * (2.0 / max(w - 1, 1))
+        fy = flow[:, 1] * (2.0 / max(h - 1, 1))
+        grid = torch.stack((gx[None] + fx, gy[None] + fy), dim=-1)
+        return F.grid_sample(image, grid, mode="bilinear", padding_mode="border",
+                             align_corners=True)
+
+    def forward(self, frame0: torch.Tensor, frame1: torch.Tensor, t: torch.Tensor
+                ) -> torch.Tensor:
+        x = torch.cat([F.pixel_unshuffle(frame0, 4), F.pixel_unshuffle(frame1, 4)], dim=1)
+        tmap = t.expand(x.shape[0], 1, x.shape[2], x.shape[3])
+        h = self.body(torch.cat([x, tmap], dim=1))
+        out = self.flow(h)
+        # Prior: linear motion, so the two flows start from -t and (1-t) times one flow.
+        flow = F.interpolate(out[:, :4], scale_factor=4.0, mode="bilinear",
+                             align_corners=False) * 4.0
+        mask = torch.sigmoid(F.interpolate(out[:, 4:5], scale_factor=4.0, mode="bilinear",
+                                           align_corners=False))
+        warped0 = self._warp(frame0, flow[:, 0:2])
+        warped1 = self._warp(frame1, flow[:, 2:4])
+        return mask * warped0 + (1.0 - mask) * warped1 + self.residual(h)
+
+
+_ARCHS["interp"] = InterpNet

@@ -37,7 +37,9 @@ class OpenVINORuntime:
     def compile(self, shape: tuple[int, int, int, int]) -> None:
         try:
             model = self.core.read_model(str(self.path))
-            model.reshape({inp.get_any_name(): list(shape) for inp in model.inputs})
+            # Frame inputs take the frame shape; a scalar input (interpolation time) stays 1x1.
+            model.reshape({inp.get_any_name(): [1, 1, 1, 1] if inp.get_any_name() == "t"
+                           else list(shape) for inp in model.inputs})
         except Exception as exc:
             raise EngineError(f"OpenVINO cannot load {self.path} for input {shape}: {exc}"
                               ) from None

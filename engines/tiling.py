@@ -18,11 +18,30 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def input_shape(height: int, width: int, tile: int, multiple: int) -> tuple[int, int]:
+def tile_geometry(height: int, width: int, tile: int, halo: int, multiple: int
+                  ) -> tuple[int, int]:
+    """(tile side, kept core side) for frames larger than `tile`.
+
+    The frame is split into the fewest tiles of at most `tile` pixels, and the
+    cores are balanced (2048 with tile 1024 -> 3 tiles of 752 with 688-pixel
+    cores rather than 960 + 960 + 128), so little work is wasted on padding.
+    """
+    if tile <= 2 * halo or tile % multiple or halo % multiple:
+        raise ValueError(f"tile {tile} must exceed 2*halo ({2 * halo}); both multiples of "
+                         f"{multiple}")
+    longest = max(height, width)
+    n = -(-longest // (tile - 2 * halo))
+    core = round_up(-(-longest // n), multiple)
+    return core + 2 * halo, core
+
+
+def input_shape(height: int, width: int, tile: int, multiple: int, halo: int = 0
+                ) -> tuple[int, int]:
     """The (static) input shape a runtime sees for frames of this size."""
     if height <= tile and width <= tile:
         return round_up(height, multiple), round_up(width, multiple)
-    return tile, tile
+    side, _ = tile_geometry(height, width, tile, halo, multiple)
+    return side, side
 
 
 def run_tiled(image: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], *, tile: int,
@@ -34,10 +53,7 @@ def run_tiled(image: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], *, tile
         padded = np.pad(image, ((0, ph - height), (0, pw - width)), mode="reflect")
         out = fn(padded[None, None])
         return np.ascontiguousarray(out[0, 0, :height * scale, :width * scale])
-    core = tile - 2 * halo
-    if core <= 0 or tile % multiple:
-        raise ValueError(f"tile {tile} must exceed 2*halo ({2 * halo}) and be a multiple "
-                         f"of {multiple}")
+    tile, core = tile_geometry(height, width, tile, halo, multiple)
     ny, nx = -(-height // core), -(-width // core)
     # Mirror-pad so that every tile, border ones included, has full context.
     padded = np.pad(image, ((halo, ny * core - height + halo), (halo, nx * core - width + halo)),

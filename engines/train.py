@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
     "restore": {"channels": 16, "levels": 3},
     "care_unet": {"channels": 32, "levels": 3},
+    "interp": {"channels": 32, "depth": 4},
 }
 
 
@@ -65,6 +66,10 @@ class TrainSettings:
     @property
     def scale(self) -> int:
         return 2 if self.task == "sr2" else 1
+
+    @property
+    def frames_in(self) -> int:
+        return 2 if self.task == "interp" else 1
 
 
 # -- data -----------------------------------------------------------------------------
@@ -149,11 +154,100 @@ class PairSampler:
         lo, hi = self.norm.bounds(low)
         return normalize.apply(low, lo, hi), normalize.apply(target, lo, hi)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         pairs = [self.pair() for _ in range(self.s.batch)]
         x = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
         y = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None])
-        return x, y
+        return (x,), y
+
+
+def collect_stacks(sources: list[str], keep: slice) -> list[np.ndarray]:
+    """Time-lapses (T, Y, X) from TIFF files/folders, each frame in 0..1; `keep` selects frames
+    (training uses the first two thirds of each movie, evaluation the rest)."""
+    files: list[Path] = []
+    for s in sources:
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"training data not found: {p}")
+        files += sorted(f for f in p.rglob("*.tif*")) if p.is_dir() else [p]
+    stacks = []
+    for f in files:
+        data = np.asarray(tifffile.imread(f), dtype=np.float32)
+        if data.ndim != 3 or data.shape[0] < 5:
+            continue
+        t = data.shape[0]
+        data = data[keep.indices(t)[0]:keep.indices(t)[1]] if keep != slice(None) else data
+        lo, hi = np.percentile(data, [0.1, 99.9])
+        stacks.append(np.clip((data - lo) / max(float(hi - lo), 1e-6), 0, 1.5))
+    return stacks
+
+
+def train_frames(t: int) -> slice:
+    return slice(0, (2 * t) // 3)
+
+
+class TripletSampler:
+    """(frame0, frame1, t) -> frame at t: frames dropped from real and simulated movies (CAFI)."""
+
+    def __init__(self, settings: TrainSettings, rng: np.random.Generator) -> None:
+        self.s, self.rng = settings, rng
+        self.stacks = [st[: (2 * len(st)) // 3] for st in collect_stacks(settings.data,
+                                                                         slice(None))]
+        self.stacks = [st for st in self.stacks if min(st.shape[1:]) >= settings.patch]
+        self.sim_fraction = settings.sim_fraction if self.stacks else 1.0
+        self._specimens: list[Any] = []
+
+    def _sim_movie(self, gap: int) -> np.ndarray:
+        from dimscope.drivers.specimen import Specimen
+
+        if not self._specimens:
+            side = max(self.s.patch + 32, 160)
+            self._specimens = [Specimen(side, side, seed=int(self.rng.integers(1 << 30)),
+                                        n_tubules=int(self.rng.integers(10, 40)),
+                                        n_puncta=int(self.rng.integers(10, 50)),
+                                        drift_px_per_s=float(self.rng.uniform(0.5, 4.0)),
+                                        punctum_speed_px_per_s=float(self.rng.uniform(2, 12)))
+                               for _ in range(6)]
+        spec = self._specimens[int(self.rng.integers(len(self._specimens)))]
+        t0, dt = float(self.rng.uniform(0, 100)), float(self.rng.uniform(0.2, 1.5))
+        frames = np.stack([spec.render(spec.state_at(t0 + dt * k / gap, 1.0))
+                           for k in range(gap + 1)])
+        return frames / max(float(frames.max()), 0.3)
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        gap = 2 if self.rng.random() < 0.6 else 4
+        k = int(self.rng.integers(1, gap))
+        size = self.s.patch
+        if self.rng.random() < self.sim_fraction:
+            movie = self._sim_movie(gap)
+        else:
+            stack = self.stacks[int(self.rng.integers(len(self.stacks)))]
+            gap = min(gap, len(stack) - 1)
+            k = min(k, gap - 1) if gap > 1 else 1
+            i = int(self.rng.integers(0, len(stack) - gap))
+            movie = stack[i:i + gap + 1]
+        y0 = int(self.rng.integers(0, movie.shape[1] - size + 1))
+        x0 = int(self.rng.integers(0, movie.shape[2] - size + 1))
+        movie = movie[:, y0:y0 + size, x0:x0 + size]
+        if self.rng.random() < 0.5:  # time reversal: t -> 1 - t
+            movie, k = movie[::-1], gap - k
+        movie = np.rot90(movie, int(self.rng.integers(4)), axes=(1, 2))
+        return movie[0], movie[-1], k / gap, movie[k]
+
+    def batch(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        f0s, f1s, ts, ys = [], [], [], []
+        norm = PercentileNorm()
+        for _ in range(self.s.batch):
+            f0, f1, t, y = self.sample()
+            lo, hi = norm.bounds(np.stack([f0, f1]))
+            f0s.append(normalize.apply(f0, lo, hi))
+            f1s.append(normalize.apply(f1, lo, hi))
+            ys.append(normalize.apply(y, lo, hi))
+            ts.append(t)
+        t_tensor = torch.tensor(ts, dtype=torch.float32).view(-1, 1, 1, 1)
+        f0 = torch.from_numpy(np.stack(f0s))[:, None]
+        f1 = torch.from_numpy(np.stack(f1s))[:, None]
+        return (f0, f1, t_tensor), torch.from_numpy(np.stack(ys))[:, None]
 
 
 def load_validation(settings: TrainSettings, rng_seed: int = 1234, n: int = 6
@@ -200,6 +294,39 @@ def validate(net: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]],
     return float(np.mean(values))
 
 
+def interp_validation(settings: TrainSettings, n: int = 8
+                      ) -> list[tuple[np.ndarray, np.ndarray, float, np.ndarray]]:
+    """Held-out triplets: the last third of each real movie (else simulated movies)."""
+    out = []
+    stacks = [st[(2 * len(st)) // 3:] for st in collect_stacks(settings.data, slice(None))]
+    for st in stacks:
+        for i in range(0, len(st) - 2, 2)[: max(1, n // max(len(stacks), 1))]:
+            h, w = (s - s % 4 for s in st.shape[1:])
+            out.append((st[i, :h, :w], st[i + 2, :h, :w], 0.5, st[i + 1, :h, :w]))
+    if not out:
+        sampler = TripletSampler(TrainSettings(**{**asdict(settings), "data": []}),
+                                 np.random.default_rng(4321))
+        out = [sampler.sample() for _ in range(n)]
+    return out
+
+
+@torch.inference_mode()
+def validate_interp(net: torch.nn.Module,
+                    triplets: list[tuple[np.ndarray, np.ndarray, float, np.ndarray]]) -> float:
+    net.eval()
+    norm = PercentileNorm()
+    values = []
+    for f0, f1, t, y in triplets:
+        lo, hi = norm.bounds(np.stack([f0, f1]))
+        out = net(torch.from_numpy(normalize.apply(f0, lo, hi))[None, None],
+                  torch.from_numpy(normalize.apply(f1, lo, hi))[None, None],
+                  torch.full((1, 1, 1, 1), t))[0, 0].numpy()
+        truth = normalize_truth(y)
+        values.append(psnr(truth, fit_to(truth, out)))
+    net.train()
+    return float(np.mean(values))
+
+
 # -- training ---------------------------------------------------------------------------
 def _progress(total: int, initial: int) -> Any:
     try:
@@ -228,8 +355,11 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         if init_card.task != settings.task:
             raise ValueError(f"cannot fine-tune a {init_card.task} model for {settings.task}")
         settings.arch, settings.hparams = init_card.arch, dict(init_card.hparams)
-    hparams = {**DEFAULT_HPARAMS.get(settings.arch, {}), **settings.hparams,
-               "scale": settings.scale}
+    if settings.task == "interp":
+        settings.arch = "interp"
+    hparams = {**DEFAULT_HPARAMS.get(settings.arch, {}), **settings.hparams}
+    if settings.arch != "interp":
+        hparams["scale"] = settings.scale
     settings.hparams = hparams
     net = build_network(settings.arch, **hparams)
     if settings.init:
@@ -247,9 +377,14 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at step %d", checkpoint, step)
-    sampler = PairSampler(settings, rng)
+    sampler: PairSampler | TripletSampler
+    if settings.task == "interp":
+        sampler = TripletSampler(settings, rng)
+        val_triplets = interp_validation(settings)
+    else:
+        sampler = PairSampler(settings, rng)
+        val_pairs = load_validation(settings)
     multiple = multiple_of(settings.arch, hparams)
-    val_pairs = load_validation(settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, settings.steps) / settings.steps))
         * 0.99 + 0.01, last_epoch=step - 1 if step else -1)
@@ -259,8 +394,8 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     net.train()
     last = min(settings.steps, pause_at) if pause_at is not None else settings.steps
     while step < last:
-        x, y = sampler.batch()
-        loss = F.l1_loss(net(x), y)
+        inputs, y = sampler.batch()
+        loss = F.l1_loss(net(*inputs), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -269,7 +404,8 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         value = loss.item()
         running = 0.9 * running + 0.1 * value if step > 1 else value
         if step % settings.val_every == 0 or step == last:
-            val_psnr = validate(net, val_pairs, multiple)
+            val_psnr = (validate_interp(net, val_triplets) if settings.task == "interp"
+                        else validate(net, val_pairs, multiple))
             history.append({"step": step, "loss": running, "val_psnr": val_psnr})
         if step % settings.checkpoint_every == 0 or step == last:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +422,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     card = ModelCard(
         name=settings.name or settings.task, task=settings.task,  # type: ignore[arg-type]
         version=settings.version, arch=settings.arch, hparams=hparams, scale=settings.scale,
-        multiple=multiple, normalization=PercentileNorm().as_dict(),
+        multiple=multiple, inputs=settings.frames_in, normalization=PercentileNorm().as_dict(),
         training={"command": " ".join(["dimscope", *sys.argv[1:]]) if sys.argv else "",
                   "settings": asdict(settings), "parameters": count_parameters(net),
                   "steps": step, "final_loss": running, "val_psnr": val_psnr,

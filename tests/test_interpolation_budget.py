@@ -1,0 +1,140 @@
+"""Live interpolation, latency budgets and their degradation policy, end to end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dimscope.daemon.archive import read_index
+from dimscope.daemon.client import Subscriber
+from dimscope.daemon.pipeline import Pipeline
+from dimscope.engines.export import export_onnx
+from dimscope.engines.interpolators import make_interpolator
+from dimscope.engines.model_file import ModelCard, read_card
+from dimscope.engines.nets import build_network
+from dimscope.engines.runtime import open_runtime
+
+from .conftest import make_config
+
+
+def _run(cfg: Any, seconds: float, topics: list[str], **kw: Any) -> tuple[dict, list]:
+    pipeline = Pipeline(cfg, **kw)
+    pipeline.start()
+    received: list = []
+    stop = threading.Event()
+    sub = Subscriber(pipeline.publish_endpoint or "", topics=topics)
+
+    def collect() -> None:
+        while not stop.is_set():
+            msg = sub.recv(timeout_s=0.1)
+            if msg is not None:
+                received.append((msg.topic, msg.header, np.array(msg.pixels)))
+
+    worker = threading.Thread(target=collect)
+    worker.start()
+    pipeline.wait(duration_s=seconds)
+    summary = pipeline.stop()
+    time.sleep(0.3)
+    stop.set()
+    worker.join()
+    sub.close()
+    return summary, received
+
+
+def test_interpolated_frames_arrive_in_time_order_between_their_sources(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, engine={"name": "identity"},
+                      interpolate={"factor": 4, "method": "linear"})
+    summary, received = _run(cfg, 2.0, ["enhanced", "interpolated"])
+    assert summary["error"] is None
+    enhanced = {h["frame_id"]: (h, px) for t, h, px in received if t == "enhanced"}
+    interp = [(h, px) for t, h, px in received if t == "interpolated"]
+    assert len(interp) > 30
+    checked = 0
+    for i, (h, px) in enumerate(interp):
+        a, b = h["source_ids"]
+        assert a < b and h["kind"] == "interpolated" and h["engine"]["name"] == "linear"
+        assert h["t"] in (0.25, 0.5, 0.75)
+        if i and interp[i - 1][0]["source_ids"] == h["source_ids"]:
+            assert h["t"] > interp[i - 1][0]["t"]  # in time order within the interval
+        if a in enhanced and b in enhanced:
+            ha, pa = enhanced[a]
+            hb, pb = enhanced[b]
+            assert ha["acquired_unix_ns"] < h["acquired_unix_ns"] < hb["acquired_unix_ns"]
+            want = (1 - h["t"]) * pa.astype(np.float32) + h["t"] * pb.astype(np.float32)
+            assert np.allclose(px, want, atol=1e-3)
+            checked += 1
+    assert checked > 10
+    # Merged by timestamp, a viewer sees a movie at 4x the acquired rate.
+    stamps = sorted([h["acquired_unix_ns"] for h, _ in enhanced.values()]
+                    + [h["acquired_unix_ns"] for h, _ in interp])
+    assert len(stamps) == len(set(stamps))
+    # Interpolated frames never reach the raw archive.
+    entries, _ = read_index(Path(summary["run_dir"]))
+    assert len(entries) == summary["acquired"]
+    assert summary["stages"]["publish_interpolated"]["passed"] == len(interp)
+
+
+def test_interpolation_model_exports_to_onnx_and_matches_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = build_network("interp", channels=8, depth=2).eval()
+    card = ModelCard(name="interp-fresh", task="interp", arch="interp",
+                     hparams={"channels": 8, "depth": 2}, multiple=4, inputs=2)
+    path = export_onnx(net, card, tmp_path / "i.onnx")
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((1, 1, 48, 64), dtype=np.float32) for _ in range(2))
+    t = np.full((1, 1, 1, 1), 0.25, dtype=np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(t)).numpy()
+    for kind in ("onnxruntime", "openvino"):
+        rt = open_runtime(kind, path, read_card(path))
+        rt.compile(a.shape)  # type: ignore[arg-type]
+        assert np.abs(rt.run(a, b, t) - want).max() < 1e-4, kind
+    interp = make_interpolator("model", model=str(path), runtime="onnxruntime")
+    interp.prepare((45, 61))  # not a multiple of 4: padded inside, cropped back
+    assert interp.between(a[0, 0, :45, :61] * 100, b[0, 0, :45, :61] * 100, 0.5).shape == (45, 61)
+
+
+def _budget_config(tmp_path: Path, **engine: Any) -> Any:
+    return make_config(tmp_path, source={"kind": "sim", "width": 512, "height": 512,
+                                         "exposure_ms": 5.0},
+                       engine={"name": "denoise", "budget_ms": 4.0,
+                               "options": {"runtime": "openvino"}, **engine})
+
+
+def test_engine_slower_than_budget_switches_to_faster_tier(tmp_path: Path) -> None:
+    cfg = _budget_config(tmp_path, tiers=[{"name": "identity"}])
+    summary, received = _run(cfg, 3.0, ["enhanced"])
+    budget = summary["budget"]
+    assert budget["tier_changes"] == 1 and budget["tier_name"] == "identity"
+    assert summary["acquired"] == summary["archived"]
+    assert len(read_index(Path(summary["run_dir"]))[0]) == summary["acquired"]
+    names = [h["engine"]["name"] for t, h, _ in received if h["engine"]]
+    assert names[-1] == "identity"
+
+
+def test_engine_slower_than_budget_without_tiers_skips_and_counts(tmp_path: Path) -> None:
+    summary, received = _run(_budget_config(tmp_path), 3.0, ["enhanced"])
+    budget = summary["budget"]
+    assert budget["skipped"] > 0 and budget["tier_changes"] == 0
+    flagged = [h for _, h, _ in received if h.get("budget") == "skipped"]
+    assert flagged and all(h["kind"] == "raw" and h["engine"] is None for h in flagged)
+    # Every enhanced frame that was late says so, and the count matches what viewers saw.
+    late = [h for _, h, _ in received if h.get("budget") == "missed"]
+    assert budget["missed"] >= len(late)
+    assert summary["acquired"] == summary["archived"] > 0
+    assert len(read_index(Path(summary["run_dir"]))[0]) == summary["acquired"]
+
+
+def test_missing_interpolation_model_runs_without_interpolation(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, engine={"name": "identity"},
+                      interpolate={"factor": 2, "method": "model",
+                                   "options": {"model": str(tmp_path / "none.onnx")}})
+    summary, _ = _run(cfg, 1.0, ["enhanced"])
+    assert "model file not found" in summary["interpolate_error"]
+    assert summary["acquired"] == summary["archived"] > 0
