@@ -7,8 +7,8 @@ is unaffected — it has its own queue.
 
 Latency budget (optional, ms from acquisition to publication), enforced in
 this order:
-1. **faster tier** — when the engine's own median processing time over the
-   last `TIER_WINDOW` frames exceeds `TIER_HEADROOM` of the budget, the next
+1. **faster tier** — when the engine's own median processing time over its
+   last frames (at least `MIN_SAMPLES`) exceeds `TIER_HEADROOM` of the budget, the next
    configured tier (another engine or other options) replaces it; counted in
    `tier_changes`, reported as `tier`.
 2. **skip** — a frame whose age plus the expected processing time already
@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 
 #: consecutive failing frames after which the engine is taken out of service
 MAX_CONSECUTIVE_ERRORS = 10
-#: frames measured on a tier before deciding it is too slow
+#: recent processing times kept per tier (their median is the expected time)
 TIER_WINDOW = 8
+#: frames measured on a tier before judging it (too slow -> next tier; else skip if late)
+MIN_SAMPLES = 3
 #: a tier whose median processing time exceeds this share of the budget is too slow
 #: (the rest is queueing and publishing)
 TIER_HEADROOM = 0.8
@@ -70,7 +72,7 @@ class EngineStage(Stage):
         return float(np.median(self._recent)) if self._recent else 0.0
 
     def _maybe_next_tier(self) -> None:
-        if (self.budget_ms is None or not self._tiers or len(self._recent) < TIER_WINDOW
+        if (self.budget_ms is None or not self._tiers or len(self._recent) < MIN_SAMPLES
                 or self._expected_ms() <= TIER_HEADROOM * self.budget_ms):
             return
         name, factory = self._tiers.pop(0)
@@ -95,7 +97,9 @@ class EngineStage(Stage):
         started = frame.marked("engine_start")
         if self.budget_ms is not None:
             age_ms = (started.marks[-1][1] - frame.marks[0][1]) / 1e6
-            if age_ms + self._expected_ms() > self.budget_ms:
+            # While a faster tier remains, measure this one first (tiers come before skips).
+            judged = not self._tiers or len(self._recent) >= MIN_SAMPLES
+            if judged and age_ms + self._expected_ms() > self.budget_ms:
                 self.skipped += 1
                 self.emit(started.replace(metadata={**frame.metadata, "budget": "skipped"}))
                 return
