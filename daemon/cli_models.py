@@ -92,8 +92,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     models = args.model or [args.task]
     try:
-        results = run_eval(args.task, args.low, args.high, models, runtime=args.runtime,
-                           skip=args.skip, limit=args.limit, montage_path=args.montage)
+        if args.task == "interp":
+            from dimscope.engines.evaluate import read_stack, run_eval_interp
+
+            if args.stack is None:
+                raise ValueError("eval interp needs --stack T.tif (a time-lapse)")
+            results = run_eval_interp(read_stack(args.stack), args.factor, models,
+                                      runtime=args.runtime)
+        else:
+            if args.low is None or args.high is None:
+                raise ValueError(f"eval {args.task} needs --low and --high")
+            results = run_eval(args.task, args.low, args.high, models, runtime=args.runtime,
+                               skip=args.skip, limit=args.limit, montage_path=args.montage)
     except (EngineError, ValueError, FileNotFoundError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -109,10 +119,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_eval_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="PSNR/SSIM/NRMSE of models and classical baselines on "
                        "same-field low/high images")
-    e.add_argument("task", choices=["denoise", "sr2"])
-    e.add_argument("--low", type=Path, required=True, help="low-light image or stack")
-    e.add_argument("--high", type=Path, required=True,
+    e.add_argument("task", choices=["denoise", "sr2", "interp"])
+    e.add_argument("--low", type=Path, default=None, help="low-light image or stack")
+    e.add_argument("--high", type=Path, default=None,
                    help="same-field ground truth (for sr2 at twice the sampling)")
+    e.add_argument("--stack", type=Path, default=None,
+                   help="interp: a real time-lapse (T, Y, X); frames are dropped and rebuilt")
+    e.add_argument("--factor", type=int, choices=[2, 4], default=2,
+                   help="interp: keep every FACTOR-th frame")
     e.add_argument("--model", action="append", default=None,
                    help="model name or .onnx path (repeatable; default: the shipped TASK model)")
     e.add_argument("--runtime", default="auto", help="runtime for the models (default auto)")

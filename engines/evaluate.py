@@ -191,3 +191,38 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<34}{r['psnr']:>9.2f}{r.get('ssim', float('nan')):>8.3f}"
                      f"{r['nrmse']:>8.4f}{r['seconds_per_image']:>8.2f}")
     return "\n".join(lines)
+
+
+def run_eval_interp(stack: np.ndarray, factor: int, models: list[str], runtime: str = "auto"
+                    ) -> dict[str, Any]:
+    """Drop frames from a real time-lapse, rebuild them with each method, score them.
+
+    Frames 0, f, 2f, ... are kept; each dropped frame k·f + j is reconstructed from
+    its two kept neighbours at t = j/f and compared with the real frame.
+    """
+    from .interpolators import make_interpolator
+
+    if stack.ndim != 3 or len(stack) < factor + 1:
+        raise ValueError(f"need a (T, Y, X) time-lapse with more than {factor} frames, "
+                         f"got shape {stack.shape}")
+    methods: dict[str, Any] = {"repeat": make_interpolator("repeat"),
+                               "linear": make_interpolator("linear")}
+    for model in models:
+        interp = make_interpolator("model", model=model, runtime=runtime)
+        methods[f"{interp.info.name} ({Path(str(model)).name})"] = interp
+    results: dict[str, Any] = {}
+    for name, interp in methods.items():
+        interp.prepare(stack.shape[1:])
+        per_pair, seconds = [], 0.0
+        for start in range(0, len(stack) - factor, factor):
+            a, b = stack[start], stack[start + factor]
+            for j in range(1, factor):
+                t0 = time.perf_counter()
+                out = interp.between(a, b, j / factor)
+                seconds += time.perf_counter() - t0
+                per_pair.append(score(stack[start + j], out))
+        results[name] = {k: float(np.mean([p[k] for p in per_pair])) for k in per_pair[0]}
+        results[name]["per_pair"] = per_pair
+        results[name]["seconds_per_image"] = seconds / len(per_pair)
+        interp.close()
+    return results
