@@ -5,8 +5,9 @@ Regenerates `results/quality.md` and `results/quality.json` (one command):
     python bench/quality.py [--data ../shared/data] [--extra-model care=PATH.onnx]
 
 1. Real same-field pairs from ../shared/data/pairs (never used for training):
-   W2S avg1 -> avg400 (first 6 of 40 fields, 512²) and the 8 GigaDB low -> high
-   pairs (centre 512² crops; BM3D on the full 2048² frames takes minutes each).
+   W2S avg1 -> avg400 (fields 34-39 of 40, 512²; training validated on fields
+   0-5) and the 8 GigaDB low -> high pairs (centre 512² crops; BM3D on the full
+   2048² frames takes minutes each).
 2. The simulated microscope's noiseless ground truth at three photon budgets
    (photoelectrons at the brightest structure), for `denoise` and `sr2`.
 Metrics: see engines/quality.py (CSBDeep convention: percentile-normalised truth,
@@ -52,9 +53,9 @@ def real_pairs(data: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     pairs = {}
     w2s = data / "pairs" / "w2s"
     if w2s.is_dir():
-        pairs["W2S avg1->avg400 (6 fields, 512²)"] = (
-            read_stack(w2s / "w2s_avg1_lowsnr.tif")[:6],
-            read_stack(w2s / "w2s_avg400_highsnr.tif")[:6])
+        pairs["W2S avg1->avg400 (fields 34-39, 512²)"] = (
+            read_stack(w2s / "w2s_avg1_lowsnr.tif")[34:40],
+            read_stack(w2s / "w2s_avg400_highsnr.tif")[34:40])
     giga = data / "pairs" / "gigadb"
     if giga.is_dir():
         lows = sorted(giga.glob("*_low.tif"))

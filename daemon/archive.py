@@ -41,6 +41,22 @@ class ArchiveError(RuntimeError):
     """The raw archive could not store a frame: acquisition must stop."""
 
 
+def mda_layout(planes: list[dict[str, Any]]) -> tuple[tuple[int, ...], str] | None:
+    """(T, C, Z) sizes when a file's planes are a complete MDA grid in T, C, Z order.
+
+    Then the OME-XML declares the real dimensions and every Plane carries its
+    TheT/TheC/TheZ. Otherwise (live streaming, a partial grid after a stop or a
+    file rotation) planes stay a T series and the indices live in index.jsonl.
+    """
+    indices = [p.get("mda_index") or {} for p in planes]
+    if not indices or not all(indices):
+        return None
+    keys = [tuple(int(i.get(axis, 0)) for axis in "tcz") for i in indices]
+    sizes = tuple(max(k[a] for k in keys) + 1 for a in range(3))
+    grid = [(t, c, z) for t in range(sizes[0]) for c in range(sizes[1]) for z in range(sizes[2])]
+    return (sizes, "TCZ") if keys == grid else None
+
+
 def write_ome_description(path: Path, n_frames: int, shape: tuple[int, ...], dtype: np.dtype[Any],
                           planes: list[dict[str, Any]], pixel_size_um: float) -> None:
     """Replace a finished file's description with OME-XML that has one Plane per frame."""
@@ -50,8 +66,9 @@ def write_ome_description(path: Path, n_frames: int, shape: tuple[int, ...], dty
         "ExposureTime": [p["exposure_ms"] for p in planes],
         "ExposureTimeUnit": ["ms"] * n_frames,
     }
-    ome.addimage(dtype, (n_frames, *shape), (n_frames, 1, 1, *shape, 1), axes="TYX",
-                 Name=path.name.split(".")[0], PhysicalSizeX=pixel_size_um,
+    image_shape, axes = mda_layout(planes) or ((n_frames,), "T")
+    ome.addimage(dtype, (*image_shape, *shape), (n_frames, 1, 1, *shape, 1),
+                 axes=axes + "YX", Name=path.name.split(".")[0], PhysicalSizeX=pixel_size_um,
                  PhysicalSizeY=pixel_size_um, Plane=plane_meta)
     tifffile.tiffcomment(path, ome.tostring(declaration=True).encode())
 
@@ -130,7 +147,7 @@ class RawArchive(Stage):
         offset = fh.tell() - nbytes
         plane = {"delta_t_s": (frame.acquired_unix_ns - self._t0_ns) / 1e9,
                  "exposure_ms": frame.exposure_ms}
-        f.planes.append(plane)
+        f.planes.append({**plane, "mda_index": dict(frame.mda_index)})
         record = {
             "schema": INDEX_SCHEMA, "frame_id": frame.frame_id, "file": f.path.name,
             "plane": len(f.planes) - 1, "offset": offset, "nbytes": nbytes,

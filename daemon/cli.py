@@ -64,7 +64,7 @@ def _print_summary(s: dict[str, Any]) -> None:
               f"{v.get('max_depth', 0):>7}", file=out)
     for topic, lat in s["latency_ms"].items():
         if lat.get("n"):
-            what = "processing" if topic == "engine" else "acquisition -> publish"
+            what = "processing" if topic in ("engine", "interpolate") else "acquisition -> publish"
             print(f"latency {topic:<9} ({what}): p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms"
                   f"  max {lat['max']:.2f} ms", file=out)
     print(f"archive: {s['run_dir']}", file=out)
@@ -77,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dimscope.engines import EngineError
 
     from .config import ConfigError, load_config
+    from .mda import MDAError
     from .pipeline import Pipeline
 
     try:
@@ -87,9 +88,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.engine not in available_engines():
                 raise EngineError(f"unknown engine {args.engine!r}; available: "
                                   f"{', '.join(sorted(available_engines()))}")
+        sequence = None
+        if args.mda is not None:
+            from .mda import load_sequence
+
+            sequence = load_sequence(args.mda)
         pipeline = Pipeline(config, out_dir=args.out, engine=args.engine,
-                            interpolate=args.interpolate)
-    except (ConfigError, EngineError) as exc:
+                            interpolate=args.interpolate, mda=sequence)
+    except (ConfigError, EngineError, MDAError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -250,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     r.add_argument("--out", type=Path, default=None, help="parent folder of the run folder")
     r.add_argument("--engine", default=None, help="engine name (overrides the config)")
+    r.add_argument("--mda", type=Path, default=None,
+                   help="run this useq-schema MDA sequence (YAML/JSON) instead of streaming")
     r.add_argument("--interpolate", type=int, choices=[1, 2, 4], default=None,
                    help="publish 1 (2) or 3 (4) interpolated frames per interval "
                         "(overrides the config)")

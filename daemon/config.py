@@ -224,13 +224,32 @@ class PublishConfig(_Model):
         return address
 
 
+def _resolve_mda(value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    from .mda import MDAError, load_sequence
+
+    if "file" in value:
+        value = {**value, "file": str(_resolve(Path(value["file"]), info))}
+    try:
+        load_sequence(value)  # validated now, so a bad sequence is a config error
+    except MDAError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 class Config(_Model):
     source: SourceConfig = Field(default_factory=SimSourceConfig)
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     interpolate: InterpolateConfig = Field(default_factory=InterpolateConfig)
+    mda: dict[str, Any] | None = Field(
+        None, description="a useq MDASequence (inline keys, or `file` = YAML/JSON path relative "
+        "to the config): run this time-lapse instead of live streaming")
     publish: PublishConfig = Field(default_factory=PublishConfig)
+
+    _mda = field_validator("mda")(_resolve_mda)
 
 
 def default_adapter_paths() -> list[Path]:

@@ -32,11 +32,16 @@ class InterpolationStage(Stage):
             raise ValueError(f"interpolation factor must be >= 2, got {factor}")
         self.interpolator = interpolator
         self.factor = factor
-        self._previous: Frame | None = None
+        # Previous frame per MDA position (channel, z, stage position...): in a
+        # time-lapse with z-stacks, frames are interpolated in time at each z, never
+        # across z. Live streaming has one position, ().
+        self._previous: dict[tuple[tuple[str, int], ...], Frame] = {}
         self._prepared_for: tuple[int, ...] | None = None
 
     def process(self, frame: Frame) -> None:
-        previous, self._previous = self._previous, frame
+        position = tuple(sorted((k, v) for k, v in frame.mda_index.items() if k != "t"))
+        previous = self._previous.get(position)
+        self._previous[position] = frame
         if previous is None or previous.shape != frame.shape:
             return
         if frame.shape != self._prepared_for:
@@ -55,6 +60,8 @@ class InterpolationStage(Stage):
                 source_ids=(previous.frame_id, frame.frame_id),
                 acquired_unix_ns=previous.acquired_unix_ns + round(t * span_ns),
                 metadata={"t": f"{t:.6g}"},
+                mda_index={**frame.mda_index, **({"t": frame.mda_index["t"] - 1}
+                                                 if "t" in frame.mda_index else {})},
             ).marked("interp_start", started).marked("interp_done")
             self.emit(out)
 

@@ -28,6 +28,7 @@ from .archive import RawArchive
 from .config import Config
 from .engine_stage import EngineStage
 from .interpolation_stage import InterpolationStage
+from .mda import MDAAcquisition, load_sequence
 from .publisher import PublishSocket, PublishStage
 from .stage import Stage
 
@@ -77,9 +78,13 @@ class Pipeline:
     finished = Signal()
 
     def __init__(self, config: Config, *, out_dir: Path | None = None,
-                 engine: str | None = None, interpolate: int | None = None) -> None:
+                 engine: str | None = None, interpolate: int | None = None,
+                 mda: Any = None) -> None:
         self.config = config
         self.interpolate_factor = interpolate
+        # A useq MDASequence: from the command line, else the config's [mda] block.
+        self.mda_sequence = mda if mda is not None else (
+            load_sequence(dict(config.mda)) if config.mda else None)
         self.engine_name = engine or config.engine.name
         self.out_dir = Path(out_dir) if out_dir is not None else config.archive.out_dir
         self.source = make_source(config.source)
@@ -209,9 +214,14 @@ class Pipeline:
         self.stages = stages
         for stage in reversed(stages):  # sinks first, so nothing is offered to a dead stage
             stage.start()
-        self.acquisition = Acquisition(self.source, archive, consumers,
-                                       poll_sleep_s=cfg.acquisition.poll_sleep_ms / 1000.0,
-                                       max_frames=max_frames, on_error=self._acquisition_failed)
+        if self.mda_sequence is not None:
+            self.acquisition = MDAAcquisition(self.source, archive, consumers, self.mda_sequence,
+                                              on_error=self._acquisition_failed)
+        else:
+            self.acquisition = Acquisition(self.source, archive, consumers,
+                                           poll_sleep_s=cfg.acquisition.poll_sleep_ms / 1000.0,
+                                           max_frames=max_frames,
+                                           on_error=self._acquisition_failed)
         self.acquisition.start()
 
     def _stage_failed(self, stage: Stage, exc: BaseException) -> None:
@@ -326,6 +336,7 @@ class Pipeline:
             "elapsed_s": elapsed,
             "engine": self.engine_name,
             "engine_info": _engine_info(self.engine_info),
+            "mda_planned": getattr(acq, "planned", None),
             "engine_error": self.engine_error,
             "interpolate_error": self.interpolate_error,
             "budget": _budget(engine),

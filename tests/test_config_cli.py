@@ -20,7 +20,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("name", ["sim", "democam", "replay"])
+@pytest.mark.parametrize("name", ["sim", "democam", "replay", "fulldose", "lowdose"])
 def test_shipped_configs_validate_and_round_trip(name: str) -> None:
     if name == "democam":
         pytest.importorskip("mm_test_adapters")
