@@ -137,3 +137,20 @@ def test_missing_interpolation_model_runs_without_interpolation(tmp_path: Path) 
     summary, _ = _run(cfg, 1.0, ["enhanced"])
     assert "model file not found" in summary["interpolate_error"]
     assert summary["acquired"] == summary["archived"] > 0
+
+
+def test_shipped_interp_model_beats_linear_blending_on_held_out_motion() -> None:
+    from dimscope.drivers.specimen import Specimen
+    from dimscope.engines.quality import score
+
+    spec = Specimen(128, 128, seed=2024, n_tubules=15, n_puncta=40, drift_px_per_s=3.0,
+                    punctum_speed_px_per_s=10.0)
+    model = make_interpolator("model")
+    linear = make_interpolator("linear")
+    model.prepare((128, 128))
+    gains = []
+    for t0 in (1.0, 7.0, 13.0):
+        a, mid, b = (spec.render(spec.state_at(t0 + d, 1.0)) * 100 for d in (0.0, 0.5, 1.0))
+        gains.append(score(mid, model.between(a, b, 0.5), with_ssim=False)["psnr"]
+                     - score(mid, linear.between(a, b, 0.5), with_ssim=False)["psnr"])
+    assert np.mean(gains) > 0.3, gains
