@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dimscope.daemon.archive import read_frame, read_index
-from dimscope.daemon.client import Subscriber
+from dimscope.daemon.client import Recorder
 from dimscope.daemon.config import load_config
 from dimscope.daemon.pipeline import Pipeline
 from dimscope.engines.quality import score
@@ -38,25 +36,10 @@ def run(config: Path, out_dir: Path) -> tuple[dict[str, Any], list[Any], Any]:
         update={"address": "tcp://127.0.0.1:*"})})
     pipeline = Pipeline(cfg, out_dir=out_dir)
     pipeline.start()
-    received: list[Any] = []
-    stop = threading.Event()
-    sub = Subscriber(pipeline.publish_endpoint or "", topics=["enhanced", "interpolated"])
-
-    def collect() -> None:
-        while not stop.is_set():
-            msg = sub.recv(timeout_s=0.1)
-            if msg is not None:
-                received.append((msg.topic, msg.header, np.array(msg.pixels)))
-
-    worker = threading.Thread(target=collect)
-    worker.start()
+    recorder = Recorder(pipeline.publish_endpoint or "", ["enhanced", "interpolated"])
     pipeline.wait(duration_s=600)
     summary = pipeline.stop()
-    time.sleep(0.5)
-    stop.set()
-    worker.join()
-    sub.close()
-    return summary, received, pipeline.source.scope  # type: ignore[attr-defined]
+    return summary, recorder.close(0.5), pipeline.source.scope  # type: ignore[attr-defined]
 
 
 def truth_at(scope: Any, time_s: float) -> np.ndarray:

@@ -84,3 +84,35 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Recorder:
+    """Receives on a background thread into `messages` (topic, header, pixel copy) until closed.
+
+    For scripts and tests that run a pipeline in-process and look at what viewers got.
+    """
+
+    def __init__(self, address: str, topics: Sequence[str]) -> None:
+        import threading
+
+        self.messages: list[tuple[str, dict[str, Any], np.ndarray]] = []
+        self._sub = Subscriber(address, topics=topics)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dimscope-recorder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self._sub.recv(timeout_s=0.1)
+            if msg is not None:
+                self.messages.append((msg.topic, msg.header, np.array(msg.pixels)))
+
+    def close(self, linger_s: float = 0.3) -> list[tuple[str, dict[str, Any], np.ndarray]]:
+        """Wait `linger_s` for messages in flight, stop, and return everything received."""
+        import time
+
+        time.sleep(linger_s)
+        self._stop.set()
+        self._thread.join()
+        self._sub.close()
+        return self.messages

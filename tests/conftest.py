@@ -27,6 +27,20 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return parse_config(data, origin="<test>", base_dir=tmp_path)
 
 
+def run_and_record(cfg: Config, seconds: float, topics: list[str], **pipeline_kw: Any
+                   ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any], Any]]]:
+    """Run a pipeline for `seconds` with a live subscriber; (summary, received messages)."""
+    from dimscope.daemon.client import Recorder
+    from dimscope.daemon.pipeline import Pipeline
+
+    pipeline = Pipeline(cfg, **pipeline_kw)
+    pipeline.start()
+    recorder = Recorder(pipeline.publish_endpoint or "", topics)
+    pipeline.wait(duration_s=seconds)
+    summary = pipeline.stop()
+    return summary, recorder.close()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

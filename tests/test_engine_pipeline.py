@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +13,8 @@ import tifffile
 
 from dimscope.daemon.archive import read_index
 from dimscope.daemon.cli import main
-from dimscope.daemon.client import Subscriber
-from dimscope.daemon.pipeline import Pipeline
 
-from .conftest import make_config
+from .conftest import make_config, run_and_record
 from .test_engines import _export_fresh
 
 
@@ -27,36 +23,12 @@ def sr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export_fresh(tmp_path_factory.mktemp("sr") / "sr.onnx", scale=2)
 
 
-def _run_and_collect(cfg, seconds: float) -> tuple[dict, list]:  # type: ignore[no-untyped-def]
-    pipeline = Pipeline(cfg)
-    pipeline.start()
-    received: list = []
-    stop = threading.Event()
-    sub = Subscriber(pipeline.publish_endpoint or "", topics=["raw", "enhanced"])
-
-    def collect() -> None:
-        while not stop.is_set():
-            msg = sub.recv(timeout_s=0.1)
-            if msg is not None:
-                received.append((msg.topic, msg.header, np.array(msg.pixels)))
-
-    worker = threading.Thread(target=collect)
-    worker.start()
-    pipeline.wait(duration_s=seconds)
-    summary = pipeline.stop()
-    time.sleep(0.3)
-    stop.set()
-    worker.join()
-    sub.close()
-    return summary, received
-
-
 def test_sr2_stream_is_twice_the_size_and_says_so_while_raw_archive_is_unchanged(
         tmp_path: Path, sr_model: Path) -> None:
     cfg = make_config(tmp_path, engine={"name": "model",
                                         "options": {"model": str(sr_model),
                                                     "runtime": "openvino"}})
-    summary, received = _run_and_collect(cfg, 2.0)
+    summary, received = run_and_record(cfg, 2.0, ["raw", "enhanced"])
     assert summary["error"] is None and summary["engine_error"] is None
     assert summary["engine_info"]["runtime"] == "openvino"
     assert summary["engine_info"]["scale"] == 2
@@ -76,7 +48,7 @@ def test_sr2_stream_is_twice_the_size_and_says_so_while_raw_archive_is_unchanged
 def test_missing_model_runs_raw_only_and_archives_every_frame(tmp_path: Path) -> None:
     missing = tmp_path / "gone.onnx"
     cfg = make_config(tmp_path, engine={"name": "model", "options": {"model": str(missing)}})
-    summary, received = _run_and_collect(cfg, 1.5)
+    summary, received = run_and_record(cfg, 1.5, ["raw", "enhanced"])
     assert summary["error"] is None
     assert f"model file not found: {missing}" in summary["engine_error"]
     assert summary["acquired"] == summary["archived"] > 10

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,45 +9,19 @@ import numpy as np
 import torch
 
 from dimscope.daemon.archive import read_index
-from dimscope.daemon.client import Subscriber
-from dimscope.daemon.pipeline import Pipeline
 from dimscope.engines.export import export_onnx
 from dimscope.engines.interpolators import make_interpolator
 from dimscope.engines.model_file import ModelCard, read_card
 from dimscope.engines.nets import build_network
 from dimscope.engines.runtime import open_runtime
 
-from .conftest import make_config
-
-
-def _run(cfg: Any, seconds: float, topics: list[str], **kw: Any) -> tuple[dict, list]:
-    pipeline = Pipeline(cfg, **kw)
-    pipeline.start()
-    received: list = []
-    stop = threading.Event()
-    sub = Subscriber(pipeline.publish_endpoint or "", topics=topics)
-
-    def collect() -> None:
-        while not stop.is_set():
-            msg = sub.recv(timeout_s=0.1)
-            if msg is not None:
-                received.append((msg.topic, msg.header, np.array(msg.pixels)))
-
-    worker = threading.Thread(target=collect)
-    worker.start()
-    pipeline.wait(duration_s=seconds)
-    summary = pipeline.stop()
-    time.sleep(0.3)
-    stop.set()
-    worker.join()
-    sub.close()
-    return summary, received
+from .conftest import make_config, run_and_record
 
 
 def test_interpolated_frames_arrive_in_time_order_between_their_sources(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, engine={"name": "identity"},
                       interpolate={"factor": 4, "method": "linear"})
-    summary, received = _run(cfg, 2.0, ["enhanced", "interpolated"])
+    summary, received = run_and_record(cfg, 2.0, ["enhanced", "interpolated"])
     assert summary["error"] is None
     enhanced = {h["frame_id"]: (h, px) for t, h, px in received if t == "enhanced"}
     interp = [(h, px) for t, h, px in received if t == "interpolated"]
@@ -108,7 +80,7 @@ def _budget_config(tmp_path: Path, **engine: Any) -> Any:
 
 def test_engine_slower_than_budget_switches_to_faster_tier(tmp_path: Path) -> None:
     cfg = _budget_config(tmp_path, tiers=[{"name": "identity"}])
-    summary, received = _run(cfg, 3.0, ["enhanced"])
+    summary, received = run_and_record(cfg, 3.0, ["enhanced"])
     budget = summary["budget"]
     assert budget["tier_changes"] == 1 and budget["tier_name"] == "identity"
     assert summary["acquired"] == summary["archived"]
@@ -118,7 +90,7 @@ def test_engine_slower_than_budget_switches_to_faster_tier(tmp_path: Path) -> No
 
 
 def test_engine_slower_than_budget_without_tiers_skips_and_counts(tmp_path: Path) -> None:
-    summary, received = _run(_budget_config(tmp_path), 3.0, ["enhanced"])
+    summary, received = run_and_record(_budget_config(tmp_path), 3.0, ["enhanced"])
     budget = summary["budget"]
     assert budget["skipped"] > 0 and budget["tier_changes"] == 0
     flagged = [h for _, h, _ in received if h.get("budget") == "skipped"]
@@ -134,7 +106,7 @@ def test_missing_interpolation_model_runs_without_interpolation(tmp_path: Path) 
     cfg = make_config(tmp_path, engine={"name": "identity"},
                       interpolate={"factor": 2, "method": "model",
                                    "options": {"model": str(tmp_path / "none.onnx")}})
-    summary, _ = _run(cfg, 1.0, ["enhanced"])
+    summary, _ = run_and_record(cfg, 1.0, ["enhanced"])
     assert "model file not found" in summary["interpolate_error"]
     assert summary["acquired"] == summary["archived"] > 0
 
