@@ -67,7 +67,8 @@ def write_ome_description(path: Path, n_frames: int, shape: tuple[int, ...], dty
         "ExposureTimeUnit": ["ms"] * n_frames,
     }
     image_shape, axes = mda_layout(planes) or ((n_frames,), "T")
-    ome.addimage(dtype, (*image_shape, *shape), (n_frames, 1, 1, *shape, 1),
+    stored = (n_frames, 1, 1, shape[0], shape[1], 1)  # pages, planar, depth, y, x, samples
+    ome.addimage(dtype, (*image_shape, *shape), stored,
                  axes=axes + "YX", Name=path.name.split(".")[0], PhysicalSizeX=pixel_size_um,
                  PhysicalSizeY=pixel_size_um, Plane=plane_meta)
     tifffile.tiffcomment(path, ome.tostring(declaration=True).encode())

@@ -32,7 +32,7 @@ class Subscriber:
     def __init__(self, address: str = "tcp://127.0.0.1:5555",
                  topics: Sequence[str] = ("raw", "enhanced"), rcv_hwm: int = 64) -> None:
         self.address = address
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcv_hwm)
         self._sock.setsockopt(zmq.LINGER, 0)

@@ -24,7 +24,7 @@ class PublishSocket:
 
     def __init__(self, address: str, send_hwm: int) -> None:
         self.address = address
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, send_hwm)  # must precede bind to take effect
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -67,7 +67,7 @@ class PublishStage(Stage):
         frame = frame.marked("published", mono)
         header = encode_header(frame, topic=self.topic, seq=self.seq,
                                published_unix_ns=time.time_ns(), published_mono_ns=mono)
-        if self._socket.send(self._topic_bytes, header, memoryview(frame.pixels)):
+        if self._socket.send(self._topic_bytes, header, memoryview(frame.pixels.data)):
             self.seq += 1
             self.counters.passed += 1
             self.end_to_end.add(frame.latency_ms()["total"])

@@ -35,7 +35,7 @@ class MMSource:
         from dimscope.daemon.config import default_adapter_paths
 
         adapters = [str(p) for p in (self.cfg.adapter_paths or default_adapter_paths())]
-        core = CMMCorePlus(adapter_paths=adapters or None)
+        core = CMMCorePlus(adapter_paths=adapters or None)  # type: ignore[arg-type]  # None = MM default
         try:
             core.loadSystemConfiguration(str(self.cfg.config_file))
             if not core.getCameraDevice():

@@ -189,7 +189,7 @@ class SimLaser(ShutterDevice):
     def power(self) -> float:
         return self._scope.laser_power
 
-    @power.setter
+    @power.setter  # type: ignore[no-redef]  # pymmcore-plus property descriptor, as documented
     def power(self, value: float) -> None:
         self._scope.laser_power = float(value)
 

@@ -90,8 +90,15 @@ def classical_methods(task: str, skip: Sequence[str] = ()) -> dict[str, Method]:
         return {"raw": lambda x: x, **denoisers}
     out: dict[str, Method] = {"raw (bicubic)": bicubic}
     for name, fn in denoisers.items():
-        out[f"{name}+bicubic"] = lambda x, fn=fn: bicubic(fn(x))
+        out[f"{name}+bicubic"] = _then_bicubic(fn)
     return out
+
+
+def _then_bicubic(fn: Method) -> Method:
+    def run(image: np.ndarray) -> np.ndarray:
+        return bicubic(fn(image))
+
+    return run
 
 
 def model_method(model: str, runtime: str = "auto") -> tuple[str, Method]:

@@ -36,7 +36,7 @@ class PercentileNorm:
     def from_dict(cls, d: dict[str, object]) -> PercentileNorm:
         if d.get("kind") != "percentile":
             raise ValueError(f"unsupported normalisation {d.get('kind')!r} (known: percentile)")
-        return cls(float(d["low"]), float(d["high"]), int(d["stride"]))  # type: ignore[arg-type]
+        return cls(float(str(d["low"])), float(str(d["high"])), int(str(d["stride"])))
 
 
 def apply(image: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -74,8 +74,8 @@ class CudaRuntime:
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         self.fallback_note = ""
         self.card, self.cuda_graphs = card, cuda_graphs
-        self.net = network_from_file(path, card).to("cuda", self.dtype).to(
-            memory_format=torch.channels_last)
+        self.net = network_from_file(path, card).to("cuda", self.dtype)
+        self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.io: Any = None
         self._graphs: list[torch.cuda.CUDAGraph] = []
 

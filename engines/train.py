@@ -245,9 +245,9 @@ class TripletSampler:
             ys.append(normalize.apply(y, lo, hi))
             ts.append(t)
         t_tensor = torch.tensor(ts, dtype=torch.float32).view(-1, 1, 1, 1)
-        f0 = torch.from_numpy(np.stack(f0s))[:, None]
-        f1 = torch.from_numpy(np.stack(f1s))[:, None]
-        return (f0, f1, t_tensor), torch.from_numpy(np.stack(ys))[:, None]
+        first = torch.from_numpy(np.stack(f0s))[:, None]
+        second = torch.from_numpy(np.stack(f1s))[:, None]
+        return (first, second, t_tensor), torch.from_numpy(np.stack(ys))[:, None]
 
 
 def load_validation(settings: TrainSettings, rng_seed: int = 1234, n: int = 6
@@ -420,7 +420,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     if bar is not None:
         bar.close()
     card = ModelCard(
-        name=settings.name or settings.task, task=settings.task,  # type: ignore[arg-type]
+        name=settings.name or settings.task, task=settings.task,
         version=settings.version, arch=settings.arch, hparams=hparams, scale=settings.scale,
         multiple=multiple, inputs=settings.frames_in, normalization=PercentileNorm().as_dict(),
         training={"command": " ".join(["dimscope", *sys.argv[1:]]) if sys.argv else "",
