@@ -14,6 +14,8 @@ this order:
 2. **skip** — a frame whose age plus the expected processing time already
    exceeds the budget is not enhanced: it is published on the enhanced topic
    as the raw frame, kind "raw", header `budget: "skipped"`; counted in `skipped`.
+   Every `PROBE_EVERY`-th frame while skipping is enhanced anyway to re-measure,
+   so enhancement resumes by itself when the machine has room again.
 3. frames enhanced but published past the budget are counted in `late`
    (header `budget: "missed"`; those within it say `budget: "met"`).
 """
@@ -40,6 +42,9 @@ MAX_CONSECUTIVE_ERRORS = 10
 TIER_WINDOW = 8
 #: frames measured on a tier before judging it (too slow -> next tier; else skip if late)
 MIN_SAMPLES = 3
+#: while skipping, every PROBE_EVERY-th frame is enhanced anyway to re-measure the engine,
+#: so skipping stops when the machine has room again
+PROBE_EVERY = 25
 #: a tier whose median processing time exceeds this share of the budget is too slow
 #: (the rest is queueing and publishing)
 TIER_HEADROOM = 0.8
@@ -58,6 +63,7 @@ class EngineStage(Stage):
         self.tier_name = engine.info.name
         self.tier_changes = 0
         self.skipped = 0
+        self._skips_in_a_row = 0
         self._recent: deque[float] = deque(maxlen=TIER_WINDOW)
         self._prepared_for: tuple[tuple[int, ...], str] | None = None
         self._consecutive_errors = 0
@@ -99,8 +105,10 @@ class EngineStage(Stage):
             age_ms = (started.marks[-1][1] - frame.marks[0][1]) / 1e6
             # While a faster tier remains, measure this one first (tiers come before skips).
             judged = not self._tiers or len(self._recent) >= MIN_SAMPLES
-            if judged and age_ms + self._expected_ms() > self.budget_ms:
+            probe = self._skips_in_a_row >= PROBE_EVERY
+            if judged and not probe and age_ms + self._expected_ms() > self.budget_ms:
                 self.skipped += 1
+                self._skips_in_a_row += 1
                 self.emit(started.replace(metadata={**frame.metadata, "budget": "skipped"}))
                 return
         t0 = time.monotonic_ns()
@@ -119,6 +127,7 @@ class EngineStage(Stage):
             return
         done_ns = time.monotonic_ns()
         self._recent.append((done_ns - t0) / 1e6)
+        self._skips_in_a_row = 0
         self._consecutive_errors = 0
         scale = self.engine.scale
         metadata = dict(frame.metadata)

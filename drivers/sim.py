@@ -53,6 +53,8 @@ class SimScope:
                                  drift_px_per_s=cfg.drift_px_per_s)
         self.noise = CameraNoise(seed=cfg.seed + 1)
         self.laser_open = False
+        # Set by SimSource to the core's auto-shutter flag (used for snaps).
+        self.autoshutter: Callable[[], bool] = lambda: False
         self.laser_power = cfg.excitation_power
         self.z_um = 0.0
         self.dose = 0.0  # accumulated power x ms with the shutter open
@@ -154,6 +156,21 @@ class SimCamera(CameraDevice):
                        get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
                        ) -> Iterator[Mapping[str, Any]]:
         shape, dtype = self.shape(), self.dtype()
+        # A snap (n == 1) with auto-shutter on: CMMCore opens the shutter around a snap,
+        # UniMMCore 0.18 does not for Python cameras, so the simulated scope does it
+        # for the exposure only (the dose, and so the bleaching, stays right).
+        snap_shutter = n == 1 and not self._scope.laser_open and self._scope.autoshutter()
+        if snap_shutter:
+            self._scope.laser_open = True
+        try:
+            yield from self._frames(n, shape, dtype, get_buffer)
+        finally:
+            if snap_shutter:
+                self._scope.laser_open = False
+
+    def _frames(self, n: int | None, shape: tuple[int, int], dtype: DTypeLike,
+                get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
+                ) -> Iterator[Mapping[str, Any]]:
         remaining = n if n is not None else -1
         next_due = time.perf_counter()
         while remaining != 0:
@@ -253,6 +270,7 @@ class SimSource:
         core.setShutterDevice(LASER)
         core.setFocusDevice(FOCUS)
         core.setAutoShutter(True)
+        scope.autoshutter = core.getAutoShutter
         core.setCircularBufferMemoryFootprint(self.cfg.buffer_mb)
         self.scope, self._core = scope, core
 

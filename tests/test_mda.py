@@ -40,6 +40,12 @@ def test_mda_time_lapse_archives_every_planned_frame_with_its_indices(tmp_path: 
         assert '<Plane TheC="0" TheZ="2" TheT="4"' in ome
         assert tif.series[0].shape == (5, 1, 3, 96, 128) or tif.series[0].shape == (5, 3, 96, 128)
     assert summary["stages"]["engine"]["passed"] == 15
+    # Snapped frames are lit (the laser opens for each exposure only) — not dark frames.
+    from dimscope.daemon.archive import read_frame
+
+    mean = float(read_frame(Path(summary["run_dir"]), entries[0]).mean())
+    assert mean > 100.0 + 3.0, f"frame looks dark (mean {mean:.1f} ADU, offset 100)"
+    assert pipeline.source.scope is None or not pipeline.source.scope.laser_open  # type: ignore[attr-defined]
     # Interpolation runs in time at each z position: 4 intervals x 3 z = 12 frames.
     assert summary["stages"]["interpolate"]["passed"] + summary["stages"]["interpolate"][
         "late"] + summary["stages"]["interpolate"]["dropped"] >= 12 - 3
