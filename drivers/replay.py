@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -141,7 +142,8 @@ class ReplaySource:
     def open(self) -> None:
         stack = read_recording(str(self.cfg.path))
         camera = ReplayCamera(self.cfg, stack)
-        core = UniMMCore()
+        # Python camera only: skip the search for a Micro-Manager install (see sim.py).
+        core = UniMMCore(mm_path=str(Path(__file__).resolve().parent))
         core.loadPyDevice(CAMERA, camera)
         core.initializeAllDevices()
         core.setCameraDevice(CAMERA)

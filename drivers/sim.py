@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -261,7 +262,10 @@ class SimSource:
 
     def open(self) -> None:
         scope = SimScope(self.cfg)
-        core = UniMMCore()
+        # Pure-Python devices need no C++ adapters: naming a folder as mm_path skips
+        # pymmcore-plus's search for a Micro-Manager install, which logs an ERROR on
+        # every machine without one (the default `pip install` has none).
+        core = UniMMCore(mm_path=str(Path(__file__).resolve().parent))
         core.loadPyDevice(CAMERA, SimCamera(scope))
         core.loadPyDevice(LASER, SimLaser(scope))
         core.loadPyDevice(FOCUS, SimFocus(scope))
