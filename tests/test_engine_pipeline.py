@@ -122,3 +122,28 @@ def test_eval_rejects_mismatched_pairs(tmp_path: Path, capsys: pytest.CaptureFix
     rc = main(["eval", "sr2", "--low", str(tmp_path / "low.tif"), "--high",
                str(tmp_path / "high.tif"), "--model", "/nonexistent/x.onnx"])
     assert rc == 2 and "model file not found" in capsys.readouterr().err
+
+
+def test_eval_sr2_and_interp_write_the_same_json_shape(tmp_path: Path, sr_model: Path) -> None:
+    from dimscope.drivers.specimen import Specimen
+    from dimscope.engines.crappify import bin_mean
+
+    spec = Specimen(48, 48, seed=9, n_tubules=10, n_puncta=10)
+    fine = [spec.render(spec.state_at(t, 1.0), 2) * 50 for t in (0.0, 1.0, 2.0, 3.0, 4.0)]
+    tifffile.imwrite(tmp_path / "high.tif", np.stack(fine[:2]))
+    tifffile.imwrite(tmp_path / "low.tif", np.stack([bin_mean(f, 2) for f in fine[:2]]))
+    rc = main(["eval", "sr2", "--low", str(tmp_path / "low.tif"), "--high",
+               str(tmp_path / "high.tif"), "--model", str(sr_model), "--skip", "bm3d", "nlm",
+               "--json", str(tmp_path / "sr.json")])
+    assert rc == 0
+    sr = json.loads((tmp_path / "sr.json").read_text())
+    assert {"raw (bicubic)", "vst_gaussian+bicubic", "fresh (sr.onnx)"} == set(sr)
+    tifffile.imwrite(tmp_path / "movie.tif", np.stack([bin_mean(f, 2) for f in fine]))
+    rc = main(["eval", "interp", "--stack", str(tmp_path / "movie.tif"), "--factor", "2",
+               "--json", str(tmp_path / "in.json")])
+    assert rc == 0
+    interp = json.loads((tmp_path / "in.json").read_text())
+    assert {"repeat", "linear", "interp (interp)"} == set(interp)
+    for r in (*sr.values(), *interp.values()):
+        assert {"psnr", "ssim", "nrmse", "per_pair"} <= set(r)
+    assert len(interp["linear"]["per_pair"]) == 2  # frames 1 and 3 were dropped and rebuilt
