@@ -178,6 +178,10 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             lat = h["latency_ms"].get("total", float("nan"))
             engine = h["engine"]["name"] if h.get("engine") else "-"
             gap = f"  GAP {msg.gap}" if msg.gap else ""
+            if "t" in h:  # interpolated: which interval, and where in it
+                gap = f"  t={h['t']:g} of {h['source_ids']}" + gap
+            if "budget" in h:
+                gap = f"  budget {h['budget']}" + gap
             print(f"{msg.topic:<9} frame {h['frame_id']:>7} seq {h['seq']:>7} "
                   f"{'x'.join(map(str, h['shape']))} {h['dtype']} engine {engine} "
                   f"latency {lat:6.2f} ms{gap}", flush=True)
