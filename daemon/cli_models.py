@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from .cli import EXIT_BAD_INPUT, EXIT_OK
+
+
+def _missing_extra(extra: str, *modules: str) -> bool:
+    """Say which optional packages a command lacks (True), before it fails deep inside."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"dimscope: this command needs the `{extra}` extra (pip install "
+              f"'dimscope[{extra}]'); missing: {', '.join(missing)}", file=sys.stderr)
+    return bool(missing)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    try:
-        from dimscope.engines.train import TrainSettings, train
-    except ImportError as exc:
-        print(f"dimscope: training needs the `train` extra (pip install 'dimscope[train]'): "
-              f"{exc}", file=sys.stderr)
+    if _missing_extra("train", "torch"):
         return EXIT_BAD_INPUT
+    from dimscope.engines.train import TrainSettings, train
+
     hparams: dict[str, Any] = {}
     if args.channels:
         hparams["channels"] = args.channels
@@ -82,14 +90,11 @@ def _dump(obj: Any, path: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dimscope.engines import EngineError
-
-    try:
-        from dimscope.engines.evaluate import format_table, run_eval
-    except ImportError as exc:
-        print(f"dimscope: evaluation needs the `eval` extra (pip install 'dimscope[eval]'): "
-              f"{exc}", file=sys.stderr)
+    if _missing_extra("eval", "skimage", *(["PIL"] if args.montage else [])):
         return EXIT_BAD_INPUT
+    from dimscope.engines import EngineError
+    from dimscope.engines.evaluate import format_table, run_eval
+
     models = args.model or [args.task]
     try:
         if args.task == "interp":

@@ -19,6 +19,26 @@ import numpy as np
 import torch
 
 
+class SlotRuntime:
+    """The submit / collect / run half shared by the GPU runtimes: they set `io` (a
+    `GpuSlots`) in `compile()` and enqueue one slot's inference in `_enqueue`."""
+
+    io: Any = None
+
+    def _enqueue(self, index: int, stream: Any) -> None:
+        raise NotImplementedError
+
+    def submit(self, *inputs: np.ndarray) -> int:
+        """Start one frame (returns at once); pass the slot number to `collect`."""
+        return int(self.io.submit(inputs, self._enqueue))
+
+    def collect(self, index: int) -> np.ndarray:
+        return np.asarray(self.io.collect(index))
+
+    def run(self, *inputs: np.ndarray) -> np.ndarray:
+        return self.collect(self.submit(*inputs))
+
+
 @dataclass
 class _Slot:
     host_in: list[torch.Tensor]

@@ -14,18 +14,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tensorrt as trt
 import torch
 
 from .base import EngineError
+from .gpu_io import GpuSlots, SlotRuntime
 from .model_file import ModelCard, file_digest
 from .plan_cache import load_plan, plan_key, store_plan
 
 log = logging.getLogger(__name__)
 
 
-class TensorRTRuntime:
+class TensorRTRuntime(SlotRuntime):
     name = "tensorrt"
 
     def __init__(self, path: Path, card: ModelCard, precision: str = "auto") -> None:
@@ -37,7 +37,7 @@ class TensorRTRuntime:
         self.precision = "fp32" if precision == "fp32" else "fp16"
         self.fallback_note = ""
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.io: Any = None
+        self.io = None
         self._contexts: list[Any] = []
 
     def _build(self, shape: tuple[int, int, int, int]) -> bytes:
@@ -61,8 +61,6 @@ class TensorRTRuntime:
         return bytes(plan)
 
     def compile(self, shape: tuple[int, int, int, int]) -> None:
-        from .gpu_io import GpuSlots
-
         key = plan_key(file_digest(self.path), torch.cuda.get_device_name(), trt.__version__,
                        shape, self.precision)
         plan = load_plan(key)
@@ -88,15 +86,6 @@ class TensorRTRuntime:
     def _enqueue(self, index: int, stream: Any) -> None:
         if not self._contexts[index].execute_async_v3(stream.cuda_stream):
             raise EngineError("TensorRT execution failed")
-
-    def submit(self, *inputs: np.ndarray) -> int:
-        return int(self.io.submit(inputs, self._enqueue))
-
-    def collect(self, index: int) -> np.ndarray:
-        return np.asarray(self.io.collect(index))
-
-    def run(self, *inputs: np.ndarray) -> np.ndarray:
-        return self.collect(self.submit(*inputs))
 
     def close(self) -> None:
         self._contexts = []

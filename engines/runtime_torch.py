@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .base import EngineError
+from .gpu_io import GpuSlots, SlotRuntime
 from .model_file import ModelCard, onnx_weights
 from .nets import build_network
 
@@ -60,7 +61,7 @@ _DTYPES = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16,
            "fp32": torch.float32}
 
 
-class CudaRuntime:
+class CudaRuntime(SlotRuntime):
     name = "cuda"
 
     def __init__(self, path: Path, card: ModelCard, precision: str = "auto",
@@ -76,12 +77,10 @@ class CudaRuntime:
         self.card, self.cuda_graphs = card, cuda_graphs
         self.net = network_from_file(path, card).to("cuda", self.dtype)
         self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.io: Any = None
+        self.io = None
         self._graphs: list[torch.cuda.CUDAGraph] = []
 
     def compile(self, shape: tuple[int, int, int, int]) -> None:
-        from .gpu_io import GpuSlots
-
         n, _, h, w = shape
         out_shape = (n, 1, h * self.card.scale, w * self.card.scale)
         self.io = GpuSlots([shape] * self.card.inputs, out_shape, self.dtype)
@@ -108,15 +107,6 @@ class CudaRuntime:
         else:
             with torch.inference_mode():
                 self._eager(index)
-
-    def submit(self, *inputs: np.ndarray) -> int:
-        return int(self.io.submit(inputs, self._enqueue))
-
-    def collect(self, index: int) -> np.ndarray:
-        return np.asarray(self.io.collect(index))
-
-    def run(self, *inputs: np.ndarray) -> np.ndarray:
-        return self.collect(self.submit(*inputs))
 
     def close(self) -> None:
         self._graphs = []

@@ -147,3 +147,17 @@ def test_eval_sr2_and_interp_write_the_same_json_shape(tmp_path: Path, sr_model:
     for r in (*sr.values(), *interp.values()):
         assert {"psnr", "ssim", "nrmse", "per_pair"} <= set(r)
     assert len(interp["linear"]["per_pair"]) == 2  # frames 1 and 3 were dropped and rebuilt
+
+
+def test_eval_without_the_eval_extra_says_which_package_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "skimage" else real(name, *a))
+    rc = main(["eval", "denoise", "--low", str(tmp_path / "l.tif"), "--high",
+               str(tmp_path / "h.tif")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs the `eval` extra" in err and "missing: skimage" in err
