@@ -209,13 +209,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from dimscope.engines import CameraCalibration, EngineError, make_engine
 
     from .config import ConfigError, load_config
-    from .pipeline import _calibration_from_options
+    from .pipeline import split_calibration
 
     try:
         cfg = load_config(args.config)
         # Constructing the engine reads its model file and card: a missing or
         # damaged model is reported here, before any run.
-        _, options = _calibration_from_options(dict(cfg.engine.options),
+        _, options = split_calibration(dict(cfg.engine.options),
                                                CameraCalibration())
         make_engine(cfg.engine.name, **options).close()
     except (ConfigError, EngineError) as exc:

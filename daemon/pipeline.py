@@ -45,7 +45,7 @@ def _calibration(source: Any) -> CameraCalibration:
     return calibration if isinstance(calibration, CameraCalibration) else CameraCalibration()
 
 
-def _calibration_from_options(options: dict[str, Any], default: CameraCalibration
+def split_calibration(options: dict[str, Any], default: CameraCalibration
                               ) -> tuple[CameraCalibration, dict[str, Any]]:
     opts = dict(options)
     cal = CameraCalibration(
@@ -118,7 +118,7 @@ class Pipeline:
         core = self.source.core
         shape = (core.getImageHeight(), core.getImageWidth())
         # Calibration keys in engine.options describe the camera, not the engine.
-        _, engine_options = _calibration_from_options(dict(self.config.engine.options),
+        _, engine_options = split_calibration(dict(self.config.engine.options),
                                                       calibration)
         try:
             engine = make_engine(self.engine_name, **engine_options)
@@ -144,7 +144,7 @@ class Pipeline:
         factories = []
         for tier in self.config.engine.tiers:
             def build(tier: Any = tier) -> Any:
-                _, options = _calibration_from_options(dict(tier.options), calibration)
+                _, options = split_calibration(dict(tier.options), calibration)
                 return make_engine(tier.name, **options)
 
             label = tier.name + ("" if not tier.options else " " + ",".join(
@@ -169,7 +169,7 @@ class Pipeline:
 
     def _start_stages(self, max_frames: int | None) -> None:
         cfg = self.config
-        calibration, _ = _calibration_from_options(dict(cfg.engine.options),
+        calibration, _ = split_calibration(dict(cfg.engine.options),
                                                    _calibration(self.source))
         engine = self._load_engine(calibration)
 

@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 from scipy.ndimage import zoom
 
-from .base import CameraCalibration, EngineError
+from .base import CameraCalibration
 from .quality import fit_to, normalize_truth, score
 from .vst_gaussian import VSTGaussianEngine, anscombe, inverse_anscombe
 
@@ -179,10 +179,7 @@ def run_eval(task: str, low_path: Path, high_path: Path, models: list[str],
     methods = classical_methods(task, skip)
     model_names = []
     for model in models:
-        try:
-            name, fn = model_method(model, runtime)
-        except EngineError:
-            raise
+        name, fn = model_method(model, runtime)
         methods[name] = fn
         model_names.append(name)
     results = evaluate(task, low, high, methods)

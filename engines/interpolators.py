@@ -83,7 +83,7 @@ class ModelInterpolator:
     def between(self, a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
         if self.runtime is None:
             raise EngineError("prepare() must run before between()")
-        lo, hi = self.norm.bounds(np.stack([a, b]))  # joint, as in training
+        lo, hi = self.norm.joint_bounds(a, b)  # joint, as in training
         h, w = a.shape
         pad = ((0, self._padded[0] - h), (0, self._padded[1] - w))
         xa = np.pad(normalize.apply(a, lo, hi), pad, mode="reflect")[None, None]

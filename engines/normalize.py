@@ -22,12 +22,20 @@ class PercentileNorm:
     stride: int = 4
 
     def bounds(self, image: np.ndarray) -> tuple[float, float]:
-        sample = image[..., :: self.stride, :: self.stride].astype(np.float32, copy=False)
+        return self._bounds_of(image[..., :: self.stride, :: self.stride])
+
+    def _bounds_of(self, sample: np.ndarray) -> tuple[float, float]:
+        sample = sample.astype(np.float32, copy=False)
         lo, hi = np.percentile(sample, [self.low, self.high])
         lo, hi = float(lo), float(hi)
         if hi - lo < 1e-6:  # flat frame (shutter closed): avoid dividing by zero
             hi = lo + 1.0
         return lo, hi
+
+    def joint_bounds(self, *images: np.ndarray) -> tuple[float, float]:
+        """Bounds of several frames together (interpolation), from their subsamples only:
+        the same values as `bounds(np.stack(images))` without copying whole frames."""
+        return self._bounds_of(np.stack([im[::self.stride, ::self.stride] for im in images]))
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {"kind": "percentile", "low": self.low, "high": self.high, "stride": self.stride}

@@ -239,7 +239,7 @@ class TripletSampler:
         norm = PercentileNorm()
         for _ in range(self.s.batch):
             f0, f1, t, y = self.sample()
-            lo, hi = norm.bounds(np.stack([f0, f1]))
+            lo, hi = norm.joint_bounds(f0, f1)
             f0s.append(normalize.apply(f0, lo, hi))
             f1s.append(normalize.apply(f1, lo, hi))
             ys.append(normalize.apply(y, lo, hi))
@@ -317,7 +317,7 @@ def validate_interp(net: torch.nn.Module,
     norm = PercentileNorm()
     values = []
     for f0, f1, t, y in triplets:
-        lo, hi = norm.bounds(np.stack([f0, f1]))
+        lo, hi = norm.joint_bounds(f0, f1)
         out = net(torch.from_numpy(normalize.apply(f0, lo, hi))[None, None],
                   torch.from_numpy(normalize.apply(f1, lo, hi))[None, None],
                   torch.full((1, 1, 1, 1), t))[0, 0].numpy()
