@@ -46,7 +46,7 @@ def _calibration(source: Any) -> CameraCalibration:
 
 
 def split_calibration(options: dict[str, Any], default: CameraCalibration
-                              ) -> tuple[CameraCalibration, dict[str, Any]]:
+                      ) -> tuple[CameraCalibration, dict[str, Any]]:
     opts = dict(options)
     cal = CameraCalibration(
         gain_adu_per_e=float(opts.pop("gain_adu_per_e", default.gain_adu_per_e)),
