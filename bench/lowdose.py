@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(config: Path, out_dir: Path) -> tuple[dict[str, Any], list[Any], Any]:
     cfg = load_config(config)
-    cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(
-        update={"address": "tcp://127.0.0.1:*"})})
+    cfg = cfg.model_copy(update={
+        "publish": cfg.publish.model_copy(update={"address": "tcp://127.0.0.1:*"}),
+        # every frame's truth is scored after the run
+        "source": cfg.source.model_copy(update={"ground_truth_history": 10_000})})
     pipeline = Pipeline(cfg, out_dir=out_dir)
     pipeline.start()
     recorder = Recorder(pipeline.publish_endpoint or "", ["enhanced", "interpolated"])

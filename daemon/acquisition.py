@@ -8,6 +8,7 @@ their own policies and never slow this loop down.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import threading
 import time
@@ -23,6 +24,19 @@ log = logging.getLogger(__name__)
 
 class AcquisitionError(RuntimeError):
     """Acquisition stopped because a raw frame could not be kept, or the camera failed."""
+
+
+class FinishReason(enum.StrEnum):
+    """Why acquisition ended (pymmcore-plus `_runner.py` style)."""
+
+    #: the requested number of frames was acquired
+    FRAME_LIMIT = "frame_limit"
+    #: a finite source (a recording played without `loop`) delivered all it has
+    SOURCE_ENDED = "source_ended"
+    #: stop was requested (duration reached, SIGINT/SIGTERM, a caller)
+    STOPPED = "stopped"
+    #: an error stopped it (see the acquisition's `error`)
+    ERROR = "error"
 
 
 def _md_dict(md: Any) -> dict[str, str]:
@@ -56,6 +70,7 @@ class Acquisition:
         self._last_image_number: int | None = None
         self.started_mono: float | None = None  # when the camera sequence started
         self.stop_requested_mono: float | None = None
+        self.finish_reason: FinishReason | None = None
         self._pixel_size_um = 1.0
 
     def start(self) -> None:
@@ -90,9 +105,10 @@ class Acquisition:
             else:
                 core.startContinuousSequenceAcquisition(0.0)
             self.started_mono = time.monotonic()
-            self._loop(core)
+            self.finish_reason = self._loop(core)
         except BaseException as exc:
             self.error = exc
+            self.finish_reason = FinishReason.ERROR
             log.error("acquisition stopped: %s", exc)
             if self._on_error is not None:
                 self._on_error(exc)
@@ -106,6 +122,7 @@ class Acquisition:
             except BaseException as exc:
                 if self.error is None:
                     self.error = exc
+                    self.finish_reason = FinishReason.ERROR
                     if self._on_error is not None:
                         self._on_error(exc)
             finally:
@@ -116,31 +133,45 @@ class Acquisition:
                     log.warning("could not close the shutter after acquisition")
                 self.finished.set()
 
-    def _loop(self, core: Any) -> None:
+    def _loop(self, core: Any) -> FinishReason:
+        reason = FinishReason.STOPPED
         while not self._stop.is_set():
             if core.getRemainingImageCount() > 0:
                 self._pop_one(core)
                 continue
-            if core.isBufferOverflowed():
-                raise AcquisitionError("the core's circular buffer overflowed: frames were "
-                                       "lost before dimscope could pop them")
+            self._check_overflow(core)
             if not core.isSequenceRunning():
                 if self.max_frames is not None and self.counters.received >= self.max_frames:
+                    reason = FinishReason.FRAME_LIMIT
                     break
-                if core.getRemainingImageCount() == 0:
-                    raise AcquisitionError(
-                        f"the camera stopped delivering frames after {self.counters.received}"
-                        + (f" of {self.max_frames}" if self.max_frames else ""))
-                continue
+                if core.getRemainingImageCount() > 0:
+                    continue
+                if self.source.ended:
+                    reason = FinishReason.SOURCE_ENDED
+                    break
+                raise AcquisitionError(
+                    f"the camera stopped delivering frames after {self.counters.received}"
+                    + (f" of {self.max_frames}" if self.max_frames else ""))
             time.sleep(self.poll_sleep_s)  # a busy spin would starve a Python camera
         if self.stop_requested_mono is None:
             self.stop_requested_mono = time.monotonic()
+        return reason
+
+    def _check_overflow(self, core: Any) -> None:
+        """Stop on a real loss only (a Python buffer's loss is caught as an ImageNumber gap)."""
+        if self.source.overflow_shows_as_gap or not core.isBufferOverflowed():
+            return
+        last = self._last_image_number
+        raise AcquisitionError(
+            "the core's circular buffer overflowed: the camera stopped after "
+            f"{self.counters.received} frame(s)"
+            + (f" (last image number {last})" if last is not None else "")
+            + "; frames it would have delivered after that were not acquired")
 
     def _drain(self, core: Any) -> None:
         while core.getRemainingImageCount() > 0:
             self._pop_one(core)
-        if core.isBufferOverflowed():
-            raise AcquisitionError("the core's circular buffer overflowed: frames were lost")
+        self._check_overflow(core)
 
     def _pop_one(self, core: Any) -> None:
         pixels, md = core.popNextImageAndMD()

@@ -4,14 +4,16 @@ Layout of a run folder:
 
     raw_000.ome.tif   frames in acquisition order (contiguous pixel data)
     raw_001.ome.tif   next file once the first passes `rotate_gb`
-    index.jsonl       one JSON line per archived frame, appended as it lands
+    index.jsonl       one JSON line per archived frame, appended as it lands,
+                      with the xxh3-64 checksum of its pixels
     run.json          config and summary, written at a clean stop
 
 tifffile writes a contiguous series as one IFD and a block of pixel data, and
 the per-page IFDs and OME-XML only at close. A run killed with SIGKILL
 therefore leaves pixel data without a complete TIFF structure; `index.jsonl`
 records each frame's byte offset *after* its pixels were flushed, which is
-what `recover_run` uses to rebuild a valid OME-TIFF.
+what `recover_run` uses to rebuild a valid OME-TIFF; the checksum tells it
+when the bytes at that offset are not the frame's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 import tifffile
+import xxhash
 
 from .frame import Frame
 from .stage import OverflowPolicy, Stage
@@ -39,6 +42,30 @@ INDEX_SCHEMA = "dimscope.index/1"
 
 class ArchiveError(RuntimeError):
     """The raw archive could not store a frame: acquisition must stop."""
+
+
+def pixel_checksum(pixels: np.ndarray | bytes) -> str:
+    """xxh3-64 of a frame's bytes as stored (hex): ~0.01 ms per 512² frame."""
+    data = pixels.data if isinstance(pixels, np.ndarray) else pixels
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def create_run_dir(parent: Path, stem: str) -> Path:
+    """Create a new, empty run folder `parent/stem[-N]` atomically.
+
+    `mkdir` either creates the folder or fails, so two daemons given the same
+    parent at the same moment can never share one (an `exists()` check
+    followed by a later `mkdir(exist_ok=True)` could).
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for suffix in range(100_000):
+        path = parent / (stem if suffix == 0 else f"{stem}-{suffix}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free run folder name {stem}-N left in {parent}")
 
 
 def mda_layout(planes: list[dict[str, Any]]) -> tuple[tuple[int, ...], str] | None:
@@ -153,6 +180,7 @@ class RawArchive(Stage):
             "schema": INDEX_SCHEMA, "frame_id": frame.frame_id, "file": f.path.name,
             "plane": len(f.planes) - 1, "offset": offset, "nbytes": nbytes,
             "shape": list(frame.shape), "dtype": frame.dtype.str,
+            "xxh3": pixel_checksum(frame.pixels),
             "acquired_unix_ns": frame.acquired_unix_ns, **plane,
             "pixel_size_um": frame.pixel_size_um, "source": frame.source,
             "mda_index": dict(frame.mda_index), "metadata": dict(frame.metadata),
@@ -182,32 +210,73 @@ class RawArchive(Stage):
 # -- reading back ------------------------------------------------------------------------
 
 
+_REQUIRED_KEYS = ("frame_id", "file", "offset", "nbytes", "shape", "dtype")
+
+
+@dataclass
+class IndexProblem:
+    """An index line or frame that could not be recovered, and why."""
+
+    line: int
+    frame_id: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        what = f"frame {self.frame_id}" if self.frame_id is not None else "a frame"
+        return f"index line {self.line} ({what}): {self.reason}"
+
+
 def read_index(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    """Index records in order, and the number of unreadable lines (a torn last write)."""
+    """Index records in order, and the number of unusable lines (torn, or keys missing)."""
+    records, problems = read_index_checked(run_dir)
+    return records, len(problems)
+
+
+def read_index_checked(run_dir: Path) -> tuple[list[dict[str, Any]], list[IndexProblem]]:
+    """Index records in order (each with its `line`), and every unusable line named."""
     records: list[dict[str, Any]] = []
-    bad = 0
+    problems: list[IndexProblem] = []
     path = Path(run_dir) / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {INDEX_NAME}: not a dimscope run folder")
-    with path.open("r", encoding="utf-8") as fh:
-        for line in fh:
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or "offset" not in rec:
-                    raise ValueError
-                records.append(rec)
             except ValueError:
-                bad += 1
-    return records, bad
+                problems.append(IndexProblem(number, None, "not valid JSON (a torn write?)"))
+                continue
+            if not isinstance(rec, dict):
+                problems.append(IndexProblem(number, None, "not a JSON object"))
+                continue
+            frame_id = rec.get("frame_id") if isinstance(rec.get("frame_id"), int) else None
+            missing = [k for k in _REQUIRED_KEYS if k not in rec]
+            if missing:
+                problems.append(IndexProblem(number, frame_id,
+                                             f"missing key(s) {', '.join(missing)}"))
+                continue
+            records.append({**rec, "line": number})
+    return records, problems
 
 
 def read_frame(run_dir: Path, record: dict[str, Any]) -> np.ndarray:
-    """Read one archived frame straight from its recorded byte offset."""
-    with (Path(run_dir) / record["file"]).open("rb") as fh:
-        fh.seek(record["offset"])
-        data = fh.read(record["nbytes"])
+    """Read one archived frame straight from its recorded byte offset, checksum verified."""
+    path = Path(run_dir) / record["file"]
+    try:
+        with path.open("rb") as fh:
+            fh.seek(int(record["offset"]))
+            data = fh.read(int(record["nbytes"]))
+    except FileNotFoundError:
+        raise ValueError(f"archive file {path} is missing") from None
     if len(data) != record["nbytes"]:
-        raise ValueError(f"frame {record['frame_id']}: file {record['file']} is truncated")
+        raise ValueError(f"file {record['file']} is truncated: {len(data)} of "
+                         f"{record['nbytes']} bytes at offset {record['offset']}")
+    expected = record.get("xxh3")
+    if expected is not None and pixel_checksum(data) != expected:
+        raise ValueError(f"checksum mismatch in {record['file']} at offset {record['offset']} "
+                         "(the bytes there are not this frame's)")
     return np.frombuffer(data, dtype=np.dtype(record["dtype"])).reshape(record["shape"])
 
 
@@ -216,26 +285,37 @@ class RecoveryReport:
     run_dir: Path
     outputs: list[Path]
     recovered: int
-    unreadable_index_lines: int
-    missing_frames: list[int]
+    problems: list[IndexProblem]
+
+    @property
+    def missing_frames(self) -> list[int]:
+        """Frames the index names whose pixels could not be recovered."""
+        return [p.frame_id for p in self.problems if p.frame_id is not None]
+
+    @property
+    def unreadable_index_lines(self) -> int:
+        return len(self.problems)
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "outputs": [str(p) for p in self.outputs],
-                "recovered": self.recovered,
-                "unreadable_index_lines": self.unreadable_index_lines,
-                "missing_frames": self.missing_frames}
+                "recovered": self.recovered, "missing_frames": self.missing_frames,
+                "problems": [str(p) for p in self.problems]}
 
 
-def recover_run(run_dir: Path | str) -> RecoveryReport:
+def recover_run(run_dir: Path | str, out_dir: Path | str | None = None) -> RecoveryReport:
     """Rebuild valid OME-TIFF(s) holding every frame the index records.
 
-    Originals are never modified; output goes to `recovered_NNN.ome.tif`
-    (one per frame shape/dtype, in acquisition order).
+    Originals are never modified; output goes to `recovered_NNN.ome.tif` (one
+    per frame shape/dtype, in acquisition order) in `out_dir` (default: the run
+    folder; give another when the run's disk is full). A record that cannot be
+    used — keys missing, its file missing or truncated, a checksum mismatch —
+    is named in the report and skipped; every other frame is recovered.
     """
     run_dir = Path(run_dir)
-    records, bad = read_index(run_dir)
+    out_dir = run_dir if out_dir is None else Path(out_dir)
+    records, problems = read_index_checked(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     outputs: list[Path] = []
-    missing: list[int] = []
     recovered = 0
     groups: list[tuple[tuple[tuple[int, ...], str], list[dict[str, Any]]]] = []
     for rec in records:
@@ -244,24 +324,25 @@ def recover_run(run_dir: Path | str) -> RecoveryReport:
             groups.append((key, []))
         groups[-1][1].append(rec)
     for (shape, dtype_str), group in groups:
-        out = run_dir / f"recovered_{len(outputs):03d}.ome.tif"
+        out = out_dir / f"recovered_{len(outputs):03d}.ome.tif"
         planes: list[dict[str, Any]] = []
         with tifffile.TiffWriter(out, bigtiff=True, ome=False) as writer:
             for rec in group:
                 try:
                     pixels = read_frame(run_dir, rec)
-                except (OSError, ValueError):
-                    missing.append(int(rec["frame_id"]))
+                except (OSError, ValueError, TypeError) as exc:
+                    problems.append(IndexProblem(rec["line"], int(rec["frame_id"]), str(exc)))
                     continue
                 writer.write(pixels, contiguous=True, metadata={}, software="dimscope recover")
-                planes.append(rec)
+                planes.append({"delta_t_s": 0.0, "exposure_ms": float("nan"), **rec})
         if planes:
             write_ome_description(out, len(planes), shape, np.dtype(dtype_str), planes,
                                   float(planes[0].get("pixel_size_um", 1.0)))
             outputs.append(out)
             recovered += len(planes)
-            (run_dir / f"{out.name.split('.')[0]}.frames.json").write_text(
+            (out_dir / f"{out.name.split('.')[0]}.frames.json").write_text(
                 json.dumps([int(p["frame_id"]) for p in planes]))
         else:
             out.unlink(missing_ok=True)
-    return RecoveryReport(run_dir, outputs, recovered, bad, missing)
+    problems.sort(key=lambda p: p.line)
+    return RecoveryReport(run_dir, outputs, recovered, problems)

@@ -16,24 +16,25 @@ from . import __version__
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _fmt_status(p: Any) -> str:
+def _fmt_status(p: Any, width: int = 79) -> str:
+    """One status line that fits `width` columns (it is redrawn in place with \\r)."""
     s = p.summary()
     st = s["stages"]
-    depth = " ".join(f"{k}:{v.get('depth', 0)}" for k, v in st.items() if k != "acquisition")
     drops = sum(int(v.get("dropped", 0)) for v in st.values())
     lat = s["latency_ms"].get("enhanced") or s["latency_ms"].get("raw") or {}
-    eng = s["latency_ms"].get("engine") or {}
-    info = s.get("engine_info") or {}
-    runtime = f"{info.get('runtime', '-')}/{info.get('precision', '-')}" if info else "RAW ONLY"
+    archive = st.get("archive", {})
+    parts = [f"{s['elapsed_s']:6.1f}s", f"acq {s['acquired']} {s['fps']:.0f}/s",
+             f"arch {s['archived']} q{archive.get('depth', 0)}",
+             f"enh {s['enhanced']}" if s.get("engine_info") else "RAW ONLY",
+             f"drop {drops}", f"lat {lat.get('p50', 0):.0f}/{lat.get('p99', 0):.0f}ms"]
     budget = s.get("budget")
-    tier = (f"  budget {budget['budget_ms']:g} ms tier {budget['tier']}:{budget['tier_name']} "
-            f"miss {budget['missed']} skip {budget['skipped']}") if budget else ""
+    if budget:
+        parts.append(f"T{budget['tier']} skip {budget['skipped']}")
     interp = st.get("interpolate")
-    interp_txt = f"  interp {interp['passed']} late {interp['late']}" if interp else ""
-    return (f"{s['elapsed_s']:7.1f}s  acq {s['acquired']:>7d} ({s['fps']:6.1f} fps)  "
-            f"arch {s['archived']:>7d}  enh {s['enhanced']:>7d}  drop {drops:>5d}  "
-            f"q[{depth}]  engine[{runtime}] p50 {eng.get('p50', 0):5.1f} ms  "
-            f"e2e p50 {lat.get('p50', 0):5.1f} p99 {lat.get('p99', 0):5.1f} ms{tier}{interp_txt}")
+    if interp:
+        parts.append(f"int {interp['passed']}")
+    line = " ".join(parts)
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -72,29 +73,48 @@ def _print_summary(s: dict[str, Any]) -> None:
         print(f"ERROR: {s['error']}", file=out)
 
 
+def _announce_data_rate(pipeline: Any) -> None:
+    """Say at start how fast the archive will grow, and warn where that is a lot."""
+    import shutil
+
+    core = pipeline.source.core
+    frame_bytes = core.getImageWidth() * core.getImageHeight() * core.getBytesPerPixel()
+    exposure_ms = max(float(core.getExposure()), 0.01)
+    rate = frame_bytes * 1000.0 / exposure_ms  # at most one frame per exposure
+    if pipeline.mda_sequence is not None or pipeline.run_dir is None:
+        return
+    free = shutil.disk_usage(pipeline.run_dir).free
+    minutes = free / rate / 60.0
+    text = (f"archive grows up to {rate / 1e6:.0f} MB/s ({rate * 3600 / 1e9:.0f} GB/h) at "
+            f"{exposure_ms:g} ms exposure; {free / 1e9:.1f} GB free there (~{minutes:.0f} min)")
+    if rate > _FAST_ARCHIVE_BYTES_S:
+        print(f"dimscope: WARNING: {text} — point --out / archive.out_dir at a fast disk "
+              "with room", file=sys.stderr)
+    else:
+        print(f"dimscope: {text}", file=sys.stderr)
+
+
+#: a run that writes faster than this is announced with a warning at start
+_FAST_ARCHIVE_BYTES_S = 40e6
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dimscope.drivers import SourceError
     from dimscope.engines import EngineError
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, with_overrides
     from .mda import MDAError
     from .pipeline import Pipeline
 
     try:
-        config = load_config(args.config)
-        if args.engine is not None:
-            from dimscope.engines import available_engines
-
-            if args.engine not in available_engines():
-                raise EngineError(f"unknown engine {args.engine!r}; available: "
-                                  f"{', '.join(sorted(available_engines()))}")
+        config = with_overrides(load_config(args.config), engine=args.engine, model=args.model)
         sequence = None
         if args.mda is not None:
             from .mda import load_sequence
 
             sequence = load_sequence(args.mda)
-        pipeline = Pipeline(config, out_dir=args.out, engine=args.engine,
-                            interpolate=args.interpolate, mda=sequence)
+        pipeline = Pipeline(config, out_dir=args.out, interpolate=args.interpolate,
+                            mda=sequence)
     except (ConfigError, EngineError, MDAError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -122,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"dimscope {__version__}: {pipeline.source.name} -> engine {pipeline.engine_name}; "
           f"publishing on {config.publish.address}; archiving to {pipeline.run_dir}",
           file=sys.stderr)
+    _announce_data_rate(pipeline)
     last_line = [time.monotonic()]
 
     def tick(p: Any) -> None:
@@ -139,20 +160,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     _print_summary(summary)
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+        try:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+        except OSError as exc:
+            print(f"dimscope: could not write the summary to {args.summary_json}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
     failed = summary.get("error") or summary.get("engine_error")
     return EXIT_RUN_FAILED if failed else EXIT_OK
 
 
-def cmd_subscribe(args: argparse.Namespace) -> int:
+def _save_per_topic(path: Path, frames: dict[str, list[tuple[Any, dict[str, Any]]]]) -> None:
+    """One TIFF (+ `.frames.json`) per topic; a topic mixing shapes or dtypes splits further."""
     import numpy as np
     import tifffile
 
-    from .client import Subscriber
+    for topic, items in frames.items():
+        groups: dict[tuple[tuple[int, ...], str], list[tuple[Any, dict[str, Any]]]] = {}
+        for pixels, ids in items:
+            groups.setdefault((pixels.shape, pixels.dtype.str), []).append((pixels, ids))
+        for (shape, dtype), group in groups.items():
+            name = path.stem + ("" if len(frames) == 1 else f"-{topic}")
+            if len(groups) > 1:
+                name += f"-{'x'.join(map(str, shape))}-{np.dtype(dtype).name}"
+            out = path.with_name(name + path.suffix)
+            tifffile.imwrite(out, np.stack([p for p, _ in group]), metadata={"axes": "TYX"})
+            sidecar = Path(str(out) + ".frames.json")
+            sidecar.write_text(json.dumps([ids for _, ids in group]))
+            print(f"saved {len(group)} {topic} frame(s) to {out} (frame ids in {sidecar})",
+                  file=sys.stderr)
 
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .client import Subscriber
+    from .config import check_endpoint
+
+    try:
+        check_endpoint(args.address, bind=False)
+    except ValueError as exc:
+        print(f"dimscope: --address {args.address!r}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     topics = [args.topic] if args.topic else ["raw", "enhanced", "interpolated"]
-    saved: list[np.ndarray] = []
-    ids: list[dict[str, Any]] = []
+    saved: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
     interrupted = False
 
     def _stop(_signum: int, _frame: Any) -> None:
@@ -161,18 +211,29 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    print(f"dimscope: waiting for {', '.join(topics)} frames from {args.address}"
+          + (f" (giving up after {args.timeout:g} s)" if args.timeout is not None else
+             " (Ctrl-C to stop; --timeout S to give up)"), file=sys.stderr)
     n = 0
-    with Subscriber(args.address, topics=topics) as sub:
+    with Subscriber(args.address, topics=topics,
+                    max_message_bytes=int(args.max_frame_mb * 2**20)) as sub:
+        last_frame = started = time.monotonic()
+        next_notice = started + _WAIT_NOTICE_S
         while not interrupted and (args.count is None or n < args.count):
             msg = sub.recv(timeout_s=0.2)
+            now = time.monotonic()
             if msg is None:
-                if args.timeout is not None and sub.received == {} and n == 0:
-                    args.timeout -= 0.2
-                    if args.timeout <= 0:
-                        print(f"dimscope: no frames from {args.address} within the timeout",
-                              file=sys.stderr)
-                        return EXIT_RUN_FAILED
+                if args.timeout is not None and now - last_frame >= args.timeout:
+                    print(f"dimscope: no frames from {args.address} for {args.timeout:g} s "
+                          f"({n} received in all)", file=sys.stderr)
+                    return EXIT_RUN_FAILED
+                if now >= next_notice:
+                    print(f"dimscope: still waiting for frames from {args.address} "
+                          f"({now - last_frame:.0f} s): is a daemon publishing there?",
+                          file=sys.stderr)
+                    next_notice = now + _WAIT_NOTICE_S
                 continue
+            last_frame, next_notice = now, now + _WAIT_NOTICE_S
             n += 1
             h = msg.header
             lat = h["latency_ms"].get("total", float("nan"))
@@ -186,39 +247,36 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                   f"{'x'.join(map(str, h['shape']))} {h['dtype']} engine {engine} "
                   f"latency {lat:6.2f} ms{gap}", flush=True)
             if args.save:
-                saved.append(np.array(msg.pixels))
-                ids.append({"topic": msg.topic, "frame_id": h["frame_id"], "seq": h["seq"]})
+                saved.setdefault(msg.topic, []).append(
+                    (np.array(msg.pixels),
+                     {"topic": msg.topic, "frame_id": h["frame_id"], "seq": h["seq"]}))
     if args.save and saved:
-        shapes = {a.shape for a in saved}
-        if len(shapes) > 1:
-            print("dimscope: frames of different shapes; save one topic at a time (--topic)",
-                  file=sys.stderr)
-            return EXIT_BAD_INPUT
-        tifffile.imwrite(args.save, np.stack(saved), metadata={"axes": "TYX"})
-        sidecar = Path(str(args.save) + ".frames.json")
-        sidecar.write_text(json.dumps(ids))
-        print(f"saved {len(saved)} frames to {args.save} (frame ids in {sidecar})",
-              file=sys.stderr)
+        _save_per_topic(args.save, saved)
     total_gaps = sum(sub.gaps.values())
     if total_gaps:
         print(f"dimscope: {total_gaps} frame(s) missed (gaps in seq)", file=sys.stderr)
     return EXIT_OK
 
 
+#: `subscribe` says it is still waiting this often while nothing arrives
+_WAIT_NOTICE_S = 5.0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dimscope.engines import CameraCalibration, EngineError, make_engine
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, check_out_dir, load_config
     from .pipeline import split_calibration
 
     try:
         cfg = load_config(args.config)
+        check_out_dir(cfg.archive.out_dir)
         # Constructing the engine reads its model file and card: a missing or
         # damaged model is reported here, before any run.
         _, options = split_calibration(dict(cfg.engine.options),
                                                CameraCalibration())
         make_engine(cfg.engine.name, **options).close()
-    except (ConfigError, EngineError) as exc:
+    except (ConfigError, EngineError, OSError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"{args.config}: OK (source {cfg.source.kind}, engine {cfg.engine.name}, "
@@ -230,17 +288,22 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from .archive import recover_run
 
     try:
-        report = recover_run(args.run_dir)
-    except FileNotFoundError as exc:
+        report = recover_run(args.run_dir, args.out)
+    except (FileNotFoundError, NotADirectoryError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:
+        where = args.out or args.run_dir
+        print(f"dimscope: cannot write the recovered files to {where}: {exc.strerror or exc}"
+              + ("" if args.out else " (use --out DIR on another disk)"), file=sys.stderr)
+        return EXIT_RUN_FAILED
     for out in report.outputs:
         print(f"wrote {out}")
+    for problem in report.problems:
+        print(f"skipped {problem}", file=sys.stderr)
     print(f"recovered {report.recovered} frame(s) from {report.run_dir}"
-          + (f"; {report.unreadable_index_lines} torn index line(s) skipped"
-             if report.unreadable_index_lines else "")
-          + (f"; MISSING pixel data for frames {report.missing_frames}"
-             if report.missing_frames else ""))
+          + (f"; NOT recovered: frames {report.missing_frames}" if report.missing_frames
+             else ""))
     return EXIT_RUN_FAILED if report.missing_frames else EXIT_OK
 
 
@@ -260,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     r.add_argument("--out", type=Path, default=None, help="parent folder of the run folder")
     r.add_argument("--engine", default=None, help="engine name (overrides the config)")
+    r.add_argument("--model", default=None,
+                   help="model name or .onnx path for the engine (engine.options.model)")
     r.add_argument("--mda", type=Path, default=None,
                    help="run this useq-schema MDA sequence (YAML/JSON) instead of streaming")
     r.add_argument("--interpolate", type=int, choices=[1, 2, 4], default=None,
@@ -275,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, default=None)
     s.add_argument("--timeout", type=float, default=None,
                    help="give up if no frame arrives within S seconds")
-    s.add_argument("--save", type=Path, default=None, help="save received frames to a TIFF")
+    s.add_argument("--save", type=Path, default=None,
+                   help="save received frames to FILE.tif (one file per topic: FILE-TOPIC.tif)")
+    s.add_argument("--max-frame-mb", type=float, default=512.0,
+                   help="refuse messages larger than this (a rogue publisher cannot fill memory)")
     s.set_defaults(func=cmd_subscribe)
 
     c = sub.add_parser("check-config", help="validate a config file")
@@ -289,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
     rc.add_argument("run_dir", type=Path)
+    rc.add_argument("--out", type=Path, default=None,
+                    help="write recovered files here (default: the run folder)")
     rc.set_defaults(func=cmd_recover)
     return p
 
@@ -300,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     # pymmcore-plus logs every device load at DEBUG to stderr by default.
     logging.getLogger("pymmcore-plus").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if getattr(args, "frames", None) is not None and args.frames < 1:
-        print("dimscope: --frames must be >= 1", file=sys.stderr)
+        print(f"dimscope: --frames must be >= 1, got {args.frames}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if getattr(args, "duration", None) is not None and not args.duration > 0:
+        print(f"dimscope: --duration must be > 0 seconds, got {args.duration:g}",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     rc: int = args.func(args)
     return rc

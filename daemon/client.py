@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,11 @@ import numpy as np
 import zmq
 
 from .wire import decode
+
+log = logging.getLogger(__name__)
+
+#: largest message part a subscriber accepts: a 8192² float32 frame is 256 MiB
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +36,14 @@ class Subscriber:
     """
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555",
-                 topics: Sequence[str] = ("raw", "enhanced"), rcv_hwm: int = 64) -> None:
+                 topics: Sequence[str] = ("raw", "enhanced"), rcv_hwm: int = 64,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.address = address
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcv_hwm)
+        # A peer that sends a larger message part is disconnected instead of buffered.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.LINGER, 0)
         for topic in topics:
             # Exact topic match: subscribe to "raw" must not also match "raw2"... so we
@@ -45,6 +54,8 @@ class Subscriber:
         self._last_seq: dict[str, int] = {}
         self.gaps: dict[str, int] = {}
         self.received: dict[str, int] = {}
+        #: messages skipped because they were not valid dimscope frames
+        self.malformed = 0
 
     def recv(self, timeout_s: float | None = None) -> Received | None:
         """The next frame, or None if none arrived within `timeout_s`."""
@@ -56,8 +67,15 @@ class Subscriber:
             topic = bytes(parts[0].buffer).decode()
             if topic not in self._topics:
                 continue
-            header, pixels = decode(parts)
-            seq = int(header["seq"])
+            try:
+                header, pixels = decode(parts)
+                seq = int(header["seq"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # A peer that does not speak dimscope's wire format: skip, count, say so.
+                self.malformed += 1
+                log.warning("skipped a malformed %r message from %s: %s", topic,
+                            self.address, exc)
+                continue
             last = self._last_seq.get(topic)
             gap = 0 if last is None else max(seq - last - 1, 0)
             self._last_seq[topic] = seq

@@ -61,7 +61,9 @@ class SimSourceConfig(_Model):
     bleach_dose: float = Field(
         2.0e6, gt=0, description="power x ms of illumination that bleaches to 1/e")
     depth_of_field_um: float = Field(0.8, gt=0)
-    ground_truth_history: int = Field(100_000, ge=1)
+    ground_truth_history: int = Field(
+        0, ge=0, description="frames whose noiseless truth is kept for in-process callers "
+        "(tests, benchmarks); 0 = none, so a long run's memory stays flat")
     buffer_mb: int = Field(512, ge=8)
     seed: int = 0
 
@@ -153,6 +155,10 @@ class ArchiveConfig(_Model):
         512, ge=1, description="frames the writer may lag before acquisition stops")
     fsync_every_s: float = Field(
         2.0, ge=0, description="fsync data+index this often (0 = never; SIGKILL-safe anyway)")
+    drain_timeout_s: float = Field(
+        90.0, gt=0, description="on stop, time the writer gets to archive every frame "
+        "already acquired; frames still queued after it are named in the summary. Keep it "
+        "below the service manager's stop timeout (systemd/dimscope.service: 120 s)")
 
 
 class TierConfig(_Model):
@@ -196,6 +202,13 @@ class EngineConfig(_Model):
             raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(names))}")
         return name
 
+    @model_validator(mode="after")
+    def _model_named(self) -> EngineConfig:
+        if self.name == "model" and "model" not in self.options:
+            raise ValueError("engine 'model' needs options.model: a shipped model name or an "
+                             ".onnx path (on the command line: --model)")
+        return self
+
 
 class InterpolateConfig(_Model):
     """Live frame interpolation between consecutive (enhanced) frames."""
@@ -212,16 +225,85 @@ class PublishConfig(_Model):
     send_hwm: int = Field(
         32, ge=1, description="ZMQ messages buffered per subscriber before PUB drops")
     queue_frames: int = Field(8, ge=1, description="publisher queue per topic (drop-oldest)")
+    linger_ms: int = Field(
+        1000, ge=0, le=60_000, description="at stop, time queued messages get to reach "
+        "subscribers before the socket closes (the tail of every stream)")
     raw: bool = True
     enhanced: bool = True
 
     @field_validator("address")
     @classmethod
     def _endpoint(cls, address: str) -> str:
-        if not any(address.startswith(s) for s in ("tcp://", "ipc://", "inproc://")):
-            raise ValueError(f"expected a ZeroMQ endpoint like 'tcp://127.0.0.1:5555', "
-                             f"got {address!r}")
+        check_endpoint(address, bind=True)
         return address
+
+
+def check_endpoint(address: str, *, bind: bool) -> None:
+    """Raise ValueError naming what is wrong with a ZeroMQ endpoint.
+
+    tcp: the port must be 1-65535 (or `*` for bind: any free port) — ZeroMQ
+    itself would silently take 70000 modulo 65536 — and the host must resolve
+    (for bind also `*` or a local interface name).
+    """
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc"):
+        raise ValueError("expected a ZeroMQ endpoint like 'tcp://127.0.0.1:5555' "
+                         "(tcp://, ipc:// or inproc://)")
+    if scheme != "tcp":
+        return
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise ValueError("expected tcp://HOST:PORT")
+    any_port = bind and port == "*"
+    if not any_port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ValueError("port must be 1-65535" + (" or * (any free port)" if bind else "")
+                         + f", got {port!r}")
+    host = host.strip("[]")
+    if bind and host == "*":
+        return
+    import socket
+
+    if bind and host in {name for _, name in socket.if_nameindex()}:
+        return
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"host {host!r} does not resolve ({exc})") from None
+
+
+def with_overrides(config: Config, *, engine: str | None = None,
+                   model: str | None = None) -> Config:
+    """The config with command-line overrides applied, validated like the file itself."""
+    if engine is None and model is None:
+        return config
+    data = config.model_dump(mode="python")
+    if engine is not None and engine != data["engine"]["name"]:
+        data["engine"] = {**data["engine"], "name": engine,
+                          "options": {k: v for k, v in data["engine"]["options"].items()
+                                      if k not in ("model",)}}
+    if model is not None:
+        data["engine"]["options"] = {**data["engine"]["options"], "model": model}
+    return parse_config(data, origin="command line")
+
+
+def check_out_dir(path: Path) -> None:
+    """Raise OSError unless run folders can be created under `path`.
+
+    Creates (and removes) one probe folder in the nearest existing ancestor,
+    so nothing is left behind.
+    """
+    import tempfile
+
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"archive.out_dir {path}: {existing} is not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".dimscope-probe-", dir=existing)).rmdir()
+    except OSError as exc:
+        raise OSError(f"archive.out_dir {path}: cannot create folders in {existing} "
+                      f"({exc.strerror or exc})") from None
 
 
 def _resolve_mda(value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
@@ -273,6 +355,9 @@ def _format_errors(origin: str, exc: ValidationError) -> str:
             msg = "unknown key (not part of the config schema)"
         elif err["type"] == "union_tag_invalid":
             msg = f"{msg} (source.kind must be one of 'sim', 'mm', 'replay')"
+        elif err["type"] == "union_tag_not_found":
+            loc = f"{loc}.kind" if loc else "kind"
+            msg = "missing: every [source] needs kind = 'sim', 'mm' or 'replay'"
         given = err.get("input")
         given_txt = "" if err["type"] in ("missing",) or isinstance(given, dict) else (
             f" (got {given!r})")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from psygnal import Signal
 
 from dimscope.drivers import SourceError, make_source
 from dimscope.engines import CameraCalibration, EngineError, make_engine
@@ -24,7 +23,7 @@ from dimscope.engines.interpolators import make_interpolator
 
 from . import __version__
 from .acquisition import Acquisition
-from .archive import RawArchive
+from .archive import RawArchive, create_run_dir
 from .config import Config
 from .engine_stage import EngineStage
 from .interpolation_stage import InterpolationStage
@@ -35,8 +34,19 @@ from .stage import Stage
 log = logging.getLogger(__name__)
 
 
-class RunError(RuntimeError):
-    """The run stopped on an error that put raw data at risk."""
+#: enhancement and publishing queues are short: this is ample to drain them
+_OTHER_DRAIN_S = 10.0
+
+
+def _id_ranges(ids: list[int]) -> str:
+    """`[3, 4, 5, 9]` -> `3-5, 9`: frame ids named compactly, every one of them."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _calibration(source: Any) -> CameraCalibration:
@@ -73,9 +83,6 @@ def _budget(engine: Any) -> dict[str, Any] | None:
 
 class Pipeline:
     """One run: open the source, start the stages, acquire, stop cleanly, summarise."""
-
-    failed = Signal(str)  # emitted (from a worker thread) when the run must stop
-    finished = Signal()
 
     def __init__(self, config: Config, *, out_dir: Path | None = None,
                  engine: str | None = None, interpolate: int | None = None,
@@ -173,17 +180,20 @@ class Pipeline:
                                                    _calibration(self.source))
         engine = self._load_engine(calibration)
 
+        # Bind first: a port in use is bad input and must leave no run folder behind.
+        self.socket = PublishSocket(cfg.publish.address, cfg.publish.send_hwm,
+                                    cfg.publish.linger_ms)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.run_dir = self.out_dir / f"{stamp}-{self.source.name.split(':')[0]}"
-        suffix = 1
-        while self.run_dir.exists():
-            self.run_dir = self.out_dir / f"{stamp}-{self.source.name.split(':')[0]}-{suffix}"
-            suffix += 1
+        try:
+            self.run_dir = create_run_dir(self.out_dir,
+                                          f"{stamp}-{self.source.name.split(':')[0]}")
+        except OSError as exc:
+            raise OSError(f"cannot create a run folder in {self.out_dir}: "
+                          f"{exc.strerror or exc}") from None
         archive = RawArchive(self.run_dir, queue_frames=cfg.archive.queue_frames,
                              rotate_bytes=int(cfg.archive.rotate_gb * 2**30),
                              pixel_size_um=self.source.pixel_size_um,
                              fsync_every_s=cfg.archive.fsync_every_s)
-        self.socket = PublishSocket(cfg.publish.address, cfg.publish.send_hwm)
         consumers: list[Stage] = []
         stages: list[Stage] = [archive]
         if cfg.publish.raw:
@@ -237,7 +247,6 @@ class Pipeline:
     def _fail(self, message: str) -> None:
         if self.error is None:
             self.error = message
-            self.failed.emit(message)
         self._stop_requested.set()
         if self.acquisition is not None:
             self.acquisition.request_stop()
@@ -264,24 +273,41 @@ class Pipeline:
                 next_tick += tick_s
 
     def stop(self) -> dict[str, Any]:
-        """Stop acquiring, drain every queue, close files; return the summary."""
+        """Stop acquiring, archive every acquired frame, drain the rest; return the summary.
+
+        The archive gets `archive.drain_timeout_s` to write what it holds; frames
+        it could not write in that time are named in the summary (`not_archived`).
+        """
         if self.acquisition is not None:
             self.acquisition.request_stop()
             self.acquisition.join()
         self._shutdown()
+        archive = self.stage("archive")
+        if archive is not None and archive.abandoned_ids:
+            ids = archive.abandoned_ids
+            self._fail(f"the archive could not write {len(ids)} acquired frame(s) within "
+                       f"archive.drain_timeout_s = {self.config.archive.drain_timeout_s:g} s; "
+                       f"not on disk: frame ids {_id_ranges(ids)}")
         summary = self.summary()
         if self.run_dir is not None and self.run_dir.exists():
             run_json = {"dimscope": __version__, "summary": summary,
                         "config": json.loads(self.config.model_dump_json()),
                         "engine": self.engine_name}
-            (self.run_dir / "run.json").write_text(json.dumps(run_json, indent=2, default=str))
-        self.finished.emit()
+            path = self.run_dir / "run.json"
+            try:
+                path.write_text(json.dumps(run_json, indent=2, default=str))
+            except OSError as exc:
+                # On a full disk the summary still reaches the terminal (and --summary-json).
+                log.error("could not write %s: %s", path, exc.strerror or exc)
+                path.unlink(missing_ok=True)
+                summary["run_json_error"] = f"{path}: {exc.strerror or exc}"
         return summary
 
     def _shutdown(self) -> None:
         # Upstream first: archive and engine drain into publishers that are still up.
+        drain_s = self.config.archive.drain_timeout_s
         for stage in self.stages:
-            stage.stop()
+            stage.stop(drain_s if stage.name == "archive" else _OTHER_DRAIN_S)
         if self.socket is not None:
             self.socket.close()
             self.socket = None
@@ -326,10 +352,16 @@ class Pipeline:
             latency["interpolate"] = interp.latency.summary()
         acquired = acq.counters.received if acq is not None else 0
         elapsed = self.elapsed_s()
+        # Frames the engine passed on raw (budget skips) are published but not enhanced.
+        enhanced = (engine.counters.passed - getattr(engine, "skipped", 0)
+                    if engine is not None else 0)
         return {
             "acquired": acquired,
             "archived": archive.counters.passed if archive is not None else 0,
-            "enhanced": engine.counters.passed if engine is not None else 0,
+            "not_archived": list(archive.abandoned_ids) if archive is not None else [],
+            "finish_reason": (str(acq.finish_reason) if acq is not None
+                              and acq.finish_reason is not None else None),
+            "enhanced": enhanced,
             "published": published,
             "dropped": {name: snap.get("dropped", 0) for name, snap in stages.items()},
             "fps": acquired / elapsed if elapsed else 0.0,

@@ -4,10 +4,15 @@ A PUB socket never blocks its sender: past the per-subscriber high-water mark
 ZeroMQ drops messages for that subscriber only. So a slow or dead viewer can
 never slow acquisition or archiving; subscribers see the loss as a gap in the
 per-topic `seq` numbers.
+
+A PUB socket also receives: subscription messages from every peer. Those are
+capped (`MAX_SUBSCRIPTION_BYTES`) so an unauthenticated peer cannot grow the
+daemon's memory with huge ones.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -18,22 +23,39 @@ from .metrics import LatencyWindow
 from .stage import OverflowPolicy, Stage
 from .wire import encode_header
 
+log = logging.getLogger(__name__)
+
+#: subscriptions are topic names; anything longer is not a dimscope subscriber
+MAX_SUBSCRIPTION_BYTES = 1024
+
+
+def is_open_to_network(address: str) -> bool:
+    """A tcp bind on every interface (`*`, 0.0.0.0, ::) rather than one address."""
+    scheme, _, rest = address.partition("://")
+    host = rest.rpartition(":")[0].strip("[]")
+    return scheme == "tcp" and host in ("*", "0.0.0.0", "::")
+
 
 class PublishSocket:
     """The one PUB socket, shared by the topic stages (sends are serialised by a lock)."""
 
-    def __init__(self, address: str, send_hwm: int) -> None:
+    def __init__(self, address: str, send_hwm: int, linger_ms: int = 1000) -> None:
         self.address = address
+        self.linger_ms = linger_ms
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, send_hwm)  # must precede bind to take effect
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         try:
             self._sock.bind(address)
         except zmq.ZMQError as exc:
             self._sock.close(0)
             raise OSError(f"cannot bind ZeroMQ publisher to {address}: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if is_open_to_network(address):
+            log.warning("publishing on %s: the raw and enhanced streams are open to every "
+                        "host that can reach this machine (bind 127.0.0.1 to keep them local)",
+                        self.endpoint)
         self._lock = threading.Lock()
 
     def send(self, topic: bytes, header: bytes, pixels: memoryview) -> bool:
@@ -47,8 +69,14 @@ class PublishSocket:
         return True
 
     def close(self) -> None:
+        """Close after giving queued messages `linger_ms` to reach subscribers.
+
+        With no linger the tail of every stream (the last frames of a run) would
+        be discarded at close; a subscriber too slow to take them within the
+        linger still loses them, and sees that as missing `seq` numbers.
+        """
         with self._lock:
-            self._sock.close(0)
+            self._sock.close(self.linger_ms)
 
 
 class PublishStage(Stage):
@@ -72,4 +100,4 @@ class PublishStage(Stage):
             self.counters.passed += 1
             self.end_to_end.add(frame.latency_ms()["total"])
         else:
-            self.counters.dropped += 1
+            self.count_dropped()  # past the high-water mark of every subscriber

@@ -19,6 +19,9 @@ from .metrics import LatencyWindow, StageCounters
 
 log = logging.getLogger(__name__)
 
+#: after a drain times out, how long the frame in progress may take to finish
+_FINISH_CURRENT_S = 30.0
+
 
 class OverflowPolicy(enum.StrEnum):
     #: Never discard: a full queue is an error the producer must act on (raw archive).
@@ -50,6 +53,9 @@ class Stage:
         self._queue: deque[Frame] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._abandoned = False
+        #: frame ids still queued when a drain ran out of time (never processed)
+        self.abandoned_ids: list[int] = []
         self._thread: threading.Thread | None = None
         self._downstream: list[Callable[[Frame], None]] = []
         self._on_error: list[Callable[[Stage, BaseException], None]] = []
@@ -86,12 +92,18 @@ class Stage:
                 self.counters.max_depth = depth
             self._cond.notify()
 
+    def count_dropped(self, n: int = 1) -> None:
+        """Count frames the worker discards; `offer` counts drops too, so share its lock."""
+        with self._cond:
+            self.counters.dropped += n
+
     @property
     def depth(self) -> int:
         return len(self._queue)
 
     def snapshot(self) -> dict[str, object]:
-        snap: dict[str, object] = dict(self.counters.snapshot(self.depth, self.capacity))
+        with self._cond:  # a consistent set: no offer is half-counted
+            snap: dict[str, object] = dict(self.counters.snapshot(self.depth, self.capacity))
         snap["latency_ms"] = self.latency.summary()
         if self.error is not None:
             snap["error"] = str(self.error)
@@ -105,15 +117,31 @@ class Stage:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Drain what is queued, then stop the worker and release resources."""
+        """Drain what is queued within `timeout` s, then stop the worker and release resources.
+
+        Frames still queued when the time is up are not processed: their ids
+        are kept in `abandoned_ids` (and counted as dropped) so the caller can
+        name them. The frame being processed at that moment is finished first,
+        so files are never closed under a write in progress.
+        """
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.error("stage %s did not drain within %.0f s (%d frames left)",
-                          self.name, timeout, self.depth)
+                with self._cond:
+                    self._abandoned = True
+                    self.abandoned_ids = [f.frame_id for f in self._queue]
+                    self.counters.dropped += len(self._queue)
+                    self._queue.clear()
+                log.error("stage %s did not drain within %.0f s: %d queued frame(s) abandoned",
+                          self.name, timeout, len(self.abandoned_ids))
+                self._thread.join(_FINISH_CURRENT_S)
+                if self._thread.is_alive():
+                    log.error("stage %s is stuck in one frame; its resources are left open",
+                              self.name)
+                    return
         self.teardown()
 
     def is_alive(self) -> bool:
@@ -122,8 +150,8 @@ class Stage:
     # -- worker side ------------------------------------------------------------
     def _next(self) -> Frame | None:
         with self._cond:
-            while not self._queue:
-                if self._closing:
+            while not self._queue or self._abandoned:
+                if self._closing or self._abandoned:
                     return None
                 self._cond.wait(0.5)
             return self._queue.popleft()

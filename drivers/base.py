@@ -26,12 +26,22 @@ class FrameSource(Protocol):
     """
 
     name: str
+    #: True when the core's buffer drops its *oldest* frames on overflow
+    #: (pymmcore-plus's Python sequence buffer): a real loss then always shows
+    #: as a gap in the `ImageNumber` tags, and the buffer's overflow flag alone
+    #: proves nothing. False for MMCore's C++ buffer, which stops the camera.
+    overflow_shows_as_gap: bool
 
     @property
     def core(self) -> CMMCorePlus: ...
 
     @property
     def pixel_size_um(self) -> float: ...
+
+    @property
+    def ended(self) -> bool:
+        """True once a finite source (a recording played once) has delivered everything."""
+        ...
 
     def open(self) -> None: ...
 
@@ -43,6 +53,21 @@ class GroundTruthSource(Protocol):
     """A source that knows the noiseless image behind each frame it produced."""
 
     def ground_truth(self, camera_frame: int, scale: int = 1) -> np.ndarray: ...
+
+
+def whole_frame_buffer_mb(buffer_mb: float, frame_bytes: int) -> float:
+    """The largest buffer size <= `buffer_mb` that holds a whole number of frames.
+
+    pymmcore-plus 0.18's Python `SequenceBuffer` loses track of its tail when a
+    frame does not fit in the space left before the end of its pool, and then
+    flags an overflow (and may evict unread frames) although the consumer kept
+    up. A pool of exactly N frames never leaves such a gap.
+    """
+    frames = int(buffer_mb * 2**20) // frame_bytes
+    if frames < 2:
+        raise SourceError(f"sequence buffer of {buffer_mb:g} MB holds {frames} frame(s) of "
+                          f"{frame_bytes} bytes; it needs at least 2 (raise buffer_mb)")
+    return frames * frame_bytes / 2**20
 
 
 def release_core(core: CMMCorePlus) -> None:

@@ -16,6 +16,7 @@ class MMSource:
     def __init__(self, cfg: MMSourceConfig) -> None:
         self.cfg = cfg
         self.name = f"mm:{cfg.config_file.name}"
+        self.overflow_shows_as_gap = False  # MMCore's C++ buffer stops the camera instead
         self._core: CMMCorePlus | None = None
 
     @property
@@ -23,6 +24,10 @@ class MMSource:
         if self._core is None:
             raise RuntimeError("source is not open")
         return self._core
+
+    @property
+    def ended(self) -> bool:
+        return False  # a live camera never runs out of frames
 
     @property
     def pixel_size_um(self) -> float:

@@ -21,7 +21,7 @@ from pymmcore_plus.experimental.unicore import CameraDevice, UniMMCore
 
 from dimscope.engines.base import CameraCalibration
 
-from .base import SourceError, release_core
+from .base import SourceError, release_core, whole_frame_buffer_mb
 from .camera_noise import CameraNoise
 
 if TYPE_CHECKING:
@@ -68,6 +68,10 @@ class ReplayCamera(CameraDevice):
 
     def shape(self) -> tuple[int, int]:
         return (int(self._stack.shape[1]), int(self._stack.shape[2]))
+
+    @property
+    def frame_count(self) -> int:
+        return int(self._stack.shape[0])
 
     def dtype(self) -> DTypeLike:
         return np.uint16 if self._noise is not None else self._stack.dtype
@@ -118,6 +122,7 @@ class ReplaySource:
     def __init__(self, cfg: ReplaySourceConfig) -> None:
         self.cfg = cfg
         self.name = f"replay:{cfg.path.name}"
+        self.overflow_shows_as_gap = True  # Python sequence buffer (see FrameSource)
         self._core: UniMMCore | None = None
         self.camera: ReplayCamera | None = None
 
@@ -126,6 +131,13 @@ class ReplaySource:
         if self._core is None:
             raise RuntimeError("source is not open")
         return self._core
+
+    @property
+    def ended(self) -> bool:
+        """Played once (`loop = false`) to its last frame."""
+        camera = self.camera
+        return (camera is not None and not self.cfg.loop
+                and camera.position >= camera.frame_count)
 
     @property
     def pixel_size_um(self) -> float:
@@ -147,7 +159,10 @@ class ReplaySource:
         core.loadPyDevice(CAMERA, camera)
         core.initializeAllDevices()
         core.setCameraDevice(CAMERA)
-        core.setCircularBufferMemoryFootprint(self.cfg.buffer_mb)
+        height, width = camera.shape()
+        frame_bytes = height * width * np.dtype(camera.dtype()).itemsize
+        core.setCircularBufferMemoryFootprint(
+            whole_frame_buffer_mb(self.cfg.buffer_mb, frame_bytes))  # type: ignore[arg-type]
         self._core, self.camera = core, camera
 
     def ground_truth(self, camera_frame: int, scale: int = 1) -> np.ndarray:

@@ -32,7 +32,7 @@ from pymmcore_plus.experimental.unicore import (
 
 from dimscope.engines.base import CameraCalibration
 
-from .base import release_core
+from .base import release_core, whole_frame_buffer_mb
 from .camera_noise import CameraNoise
 from .specimen import Specimen, SpecimenState
 
@@ -91,13 +91,20 @@ class SimScope:
                           bit_depth=self.cfg.bit_depth, out=out)
         index = self.frames_rendered
         self.frames_rendered += 1
+        history = self.cfg.ground_truth_history
         with self._states_lock:
+            if history == 0:  # nobody can ask: keep nothing
+                return self._tags(index, t, peak, background)
             self._states[index] = SpecimenState(state.time_s, state.shift_y2, state.shift_x2,
                                                 state.puncta_yx, 1.0)
             self._signal[index] = (peak, background)
-            while len(self._states) > self.cfg.ground_truth_history:
+            while len(self._states) > history:
                 old, _ = self._states.popitem(last=False)
                 self._signal.pop(old, None)
+        return self._tags(index, t, peak, background)
+
+    @staticmethod
+    def _tags(index: int, t: float, peak: float, background: float) -> dict[str, Any]:
         return {"SimFrame": str(index), "SimTime_s": f"{t:.6f}",
                 "SimPhotonsPeak": f"{peak:.4f}", "SimPhotonsBackground": f"{background:.4f}"}
 
@@ -113,7 +120,8 @@ class SimScope:
             signal = self._signal.get(camera_frame)
         if state is None or signal is None:
             raise KeyError(f"no ground truth kept for simulated frame {camera_frame} "
-                           f"(history holds the last {self.cfg.ground_truth_history} frames)")
+                           f"(source.ground_truth_history keeps the last "
+                           f"{self.cfg.ground_truth_history} frames)")
         peak, background = signal
         img = self.specimen.render(state, scale)
         img *= np.float32(peak / scale**2)
@@ -241,6 +249,7 @@ class SimSource:
     def __init__(self, cfg: SimSourceConfig) -> None:
         self.cfg = cfg
         self.name = "sim"
+        self.overflow_shows_as_gap = True  # Python sequence buffer (see FrameSource)
         self._core: UniMMCore | None = None
         self.scope: SimScope | None = None
 
@@ -249,6 +258,10 @@ class SimSource:
         if self._core is None:
             raise RuntimeError("source is not open")
         return self._core
+
+    @property
+    def ended(self) -> bool:
+        return False  # a live camera never runs out of frames
 
     @property
     def pixel_size_um(self) -> float:
@@ -275,7 +288,9 @@ class SimSource:
         core.setFocusDevice(FOCUS)
         core.setAutoShutter(True)
         scope.autoshutter = core.getAutoShutter
-        core.setCircularBufferMemoryFootprint(self.cfg.buffer_mb)
+        frame_bytes = self.cfg.width * self.cfg.height * np.dtype(np.uint16).itemsize
+        core.setCircularBufferMemoryFootprint(
+            whole_frame_buffer_mb(self.cfg.buffer_mb, frame_bytes))  # type: ignore[arg-type]
         self.scope, self._core = scope, core
 
     def ground_truth(self, camera_frame: int, scale: int = 1) -> np.ndarray:

@@ -31,8 +31,11 @@ def fixed_input_dims(path: Path) -> tuple[int | None, int | None]:
 
 
 class ModelEngine:
-    def __init__(self, model: str = "denoise", runtime: str = "auto", precision: str = "auto",
+    def __init__(self, model: str | None = None, runtime: str = "auto", precision: str = "auto",
                  tile: int = 2048, halo: int = 32, **options: Any) -> None:
+        if model is None:
+            raise EngineError("engine 'model' needs a model: set engine.options.model to a "
+                              "shipped model name or an .onnx path (or pass --model)")
         if options:
             raise TypeError(f"model engine options: model, runtime, precision, tile, halo; "
                             f"got unknown {sorted(options)}")

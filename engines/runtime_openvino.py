@@ -21,6 +21,22 @@ from .model_file import ModelCard
 _PRECISIONS = {"auto": None, "fp32": "f32", "bf16": "bf16"}
 
 
+def precision_name(value: object) -> str:
+    """dimscope's name for the precision OpenVINO reports.
+
+    OpenVINO returns an `ov.Type` whose str() is e.g. `<Type: 'bfloat16'>`, not
+    `bf16`; older releases returned a plain string. Both forms are read here.
+    """
+    if isinstance(value, ov.Type):
+        value = value.get_type_name()
+    text = str(value).lower()
+    if "bf16" in text or "bfloat16" in text:
+        return "bf16"
+    if "f16" in text or "float16" in text:
+        return "fp16"
+    return "fp32"
+
+
 class OpenVINORuntime:
     name = "openvino"
 
@@ -48,8 +64,7 @@ class OpenVINORuntime:
         hint = _PRECISIONS[self.requested] or "f32"
         config["INFERENCE_PRECISION_HINT"] = hint
         compiled = self.core.compile_model(model, "CPU", config)
-        used = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
-        self.precision = "bf16" if "bf16" in used else "fp32"
+        self.precision = precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         self._request = compiled.create_infer_request()
 
     def run(self, *inputs: np.ndarray) -> np.ndarray:

@@ -92,6 +92,20 @@ def test_reduced_precision_is_reported_and_close_to_fp32(fresh_model: Path) -> N
     assert np.abs(outs["bf16"][1] - outs["fp32"][1]).max() < tol
 
 
+def test_openvino_precision_is_read_from_its_type_objects() -> None:
+    """OpenVINO reports precision as `ov.Type` (`<Type: 'bfloat16'>`), older releases as text."""
+    import openvino as ov
+
+    from dimscope.engines.runtime_openvino import precision_name
+
+    assert precision_name(ov.Type.bf16) == "bf16"
+    assert precision_name("<Type: 'bfloat16'>") == "bf16"
+    assert precision_name("bf16") == "bf16"
+    assert precision_name(ov.Type.f16) == "fp16"
+    assert precision_name(ov.Type.f32) == "fp32"
+    assert precision_name("f32") == "fp32"
+
+
 def test_tiling_matches_untiled_away_from_borders(fresh_model: Path) -> None:
     card = read_card(fresh_model)
     rt = open_runtime("onnxruntime", fresh_model, card)

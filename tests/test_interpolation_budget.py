@@ -98,6 +98,9 @@ def test_engine_slower_than_budget_without_tiers_skips_and_counts(tmp_path: Path
     # Every enhanced frame that was late says so, and the count matches what viewers saw.
     late = [h for _, h, _ in received if h.get("budget") == "missed"]
     assert budget["missed"] >= len(late)
+    # "enhanced" counts frames the engine enhanced, not the skipped ones it passed on raw.
+    engine = summary["stages"]["engine"]
+    assert summary["enhanced"] == engine["passed"] - budget["skipped"] < engine["passed"]
     assert summary["acquired"] == summary["archived"] > 0
     assert len(read_index(Path(summary["run_dir"]))[0]) == summary["acquired"]
 

@@ -88,7 +88,8 @@ def test_replay_of_real_timelapse_renoised(tmp_path: Path, shared_data: Path) ->
 
 
 def _sim(**kw: object) -> SimSource:
-    src = SimSource(SimSourceConfig(width=128, height=128, **kw))  # type: ignore[arg-type]
+    src = SimSource(SimSourceConfig(width=128, height=128, ground_truth_history=64,
+                                    **kw))  # type: ignore[arg-type]
     src.open()
     return src
 

@@ -123,7 +123,8 @@ def test_vst_gaussian_denoises_simulated_low_light() -> None:
     from dimscope.daemon.config import SimSourceConfig
     from dimscope.drivers.sim import SimSource
 
-    src = SimSource(SimSourceConfig(width=128, height=128, exposure_ms=2.0, photons_per_ms=5.0))
+    src = SimSource(SimSourceConfig(width=128, height=128, exposure_ms=2.0, photons_per_ms=5.0,
+                                    ground_truth_history=8))
     src.open()
     try:
         core = src.core
