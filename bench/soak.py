@@ -2,7 +2,8 @@
 
 Starts `dimscope run` as a real process (default: the simulated microscope at
 256², 10 ms exposure, the shipped `denoise` engine, raw + enhanced published, a
-subscriber process reading both), samples the daemon's resident memory every
+subscriber process reading both, archive files rotated every 0.5 GB so that
+file rotation is part of the steady state), samples the daemon's resident memory every
 few seconds, and prints:
 
     frames acquired, archived, lost (must be 0)
@@ -62,7 +63,7 @@ def main() -> int:
     config = work / "soak.toml"
     base = args.config.read_text() if args.config else (
         '[source]\nkind = "sim"\nwidth = 256\nheight = 256\nexposure_ms = 10.0\n'
-        '[engine]\nname = "denoise"\n')
+        '[engine]\nname = "denoise"\n[archive]\nrotate_gb = 0.5\n')
     base = base.split("[publish]")[0]  # our own address, so nothing else is disturbed
     config.write_text(base + f'\n[publish]\naddress = "{address}"\n')
     summary_path = work / "summary.json"

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -68,32 +69,53 @@ def create_run_dir(parent: Path, stem: str) -> Path:
     raise FileExistsError(f"no free run folder name {stem}-N left in {parent}")
 
 
-def mda_layout(planes: list[dict[str, Any]]) -> tuple[tuple[int, ...], str] | None:
-    """(T, C, Z) sizes when a file's planes are a complete MDA grid in T, C, Z order.
+class PlaneLog:
+    """Per-plane OME metadata of one file, 16-40 bytes a frame (a dict a frame cost ~300
+    bytes, which a long run at hundreds of frames/s saw as steady memory growth)."""
 
-    Then the OME-XML declares the real dimensions and every Plane carries its
-    TheT/TheC/TheZ. Otherwise (live streaming, a partial grid after a stop or a
-    file rotation) planes stay a T series and the indices live in index.jsonl.
-    """
-    indices = [p.get("mda_index") or {} for p in planes]
-    if not indices or not all(indices):
-        return None
-    keys = [tuple(int(i.get(axis, 0)) for axis in "tcz") for i in indices]
-    sizes = tuple(max(k[a] for k in keys) + 1 for a in range(3))
-    grid = [(t, c, z) for t in range(sizes[0]) for c in range(sizes[1]) for z in range(sizes[2])]
-    return (sizes, "TCZ") if keys == grid else None
+    def __init__(self) -> None:
+        self.delta_t_s = array("d")
+        self.exposure_ms = array("d")
+        self.tcz = array("l")  # t, c, z per plane while every plane has an MDA index
+        self._all_indexed = True
+
+    def __len__(self) -> int:
+        return len(self.delta_t_s)
+
+    def add(self, delta_t_s: float, exposure_ms: float, mda_index: dict[str, int]) -> None:
+        self.delta_t_s.append(delta_t_s)
+        self.exposure_ms.append(exposure_ms)
+        if self._all_indexed and mda_index:
+            self.tcz.extend(int(mda_index.get(axis, 0)) for axis in "tcz")
+        elif self._all_indexed:
+            self._all_indexed = False
+            self.tcz = array("l")
+
+    def mda_layout(self) -> tuple[tuple[int, ...], str] | None:
+        """(T, C, Z) sizes when the planes are a complete MDA grid in T, C, Z order.
+
+        Then the OME-XML declares the real dimensions and every Plane carries its
+        TheT/TheC/TheZ. Otherwise (live streaming, a partial grid after a stop or a
+        file rotation) planes stay a T series and the indices live in index.jsonl.
+        """
+        if not self._all_indexed or not len(self):
+            return None
+        keys = np.frombuffer(self.tcz, dtype=np.int_).reshape(-1, 3)
+        sizes = tuple(int(v) + 1 for v in keys.max(axis=0))
+        grid = np.indices(sizes).reshape(3, -1).T
+        return (sizes, "TCZ") if keys.shape == grid.shape and (keys == grid).all() else None
 
 
-def write_ome_description(path: Path, n_frames: int, shape: tuple[int, ...], dtype: np.dtype[Any],
-                          planes: list[dict[str, Any]], pixel_size_um: float) -> None:
+def write_ome_description(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any],
+                          planes: PlaneLog, pixel_size_um: float) -> None:
     """Replace a finished file's description with OME-XML that has one Plane per frame."""
+    n_frames = len(planes)
     ome = tifffile.OmeXml(Creator="dimscope")
     plane_meta: dict[str, list[Any]] = {
-        "DeltaT": [p["delta_t_s"] for p in planes], "DeltaTUnit": ["s"] * n_frames,
-        "ExposureTime": [p["exposure_ms"] for p in planes],
-        "ExposureTimeUnit": ["ms"] * n_frames,
+        "DeltaT": planes.delta_t_s.tolist(), "DeltaTUnit": ["s"] * n_frames,
+        "ExposureTime": planes.exposure_ms.tolist(), "ExposureTimeUnit": ["ms"] * n_frames,
     }
-    image_shape, axes = mda_layout(planes) or ((n_frames,), "T")
+    image_shape, axes = planes.mda_layout() or ((n_frames,), "T")
     stored = (n_frames, 1, 1, shape[0], shape[1], 1)  # pages, planar, depth, y, x, samples
     ome.addimage(dtype, (*image_shape, *shape), stored,
                  axes=axes + "YX", Name=path.name.split(".")[0], PhysicalSizeX=pixel_size_um,
@@ -107,7 +129,7 @@ class _OpenFile:
     writer: tifffile.TiffWriter
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
-    planes: list[dict[str, Any]] = field(default_factory=list)
+    planes: PlaneLog = field(default_factory=PlaneLog)
 
 
 class RawArchive(Stage):
@@ -143,8 +165,7 @@ class RawArchive(Stage):
             return
         f.writer.close()
         if f.planes:
-            write_ome_description(f.path, len(f.planes), f.shape, f.dtype, f.planes,
-                                  self.pixel_size_um)
+            write_ome_description(f.path, f.shape, f.dtype, f.planes, self.pixel_size_um)
 
     def process(self, frame: Frame) -> None:
         try:
@@ -175,7 +196,7 @@ class RawArchive(Stage):
         offset = fh.tell() - nbytes
         plane = {"delta_t_s": (frame.acquired_unix_ns - self._t0_ns) / 1e9,
                  "exposure_ms": frame.exposure_ms}
-        f.planes.append({**plane, "mda_index": dict(frame.mda_index)})
+        f.planes.add(plane["delta_t_s"], plane["exposure_ms"], dict(frame.mda_index))
         record = {
             "schema": INDEX_SCHEMA, "frame_id": frame.frame_id, "file": f.path.name,
             "plane": len(f.planes) - 1, "offset": offset, "nbytes": nbytes,
@@ -325,7 +346,9 @@ def recover_run(run_dir: Path | str, out_dir: Path | str | None = None) -> Recov
         groups[-1][1].append(rec)
     for (shape, dtype_str), group in groups:
         out = out_dir / f"recovered_{len(outputs):03d}.ome.tif"
-        planes: list[dict[str, Any]] = []
+        planes = PlaneLog()
+        frame_ids: list[int] = []
+        pixel_size_um = 1.0
         with tifffile.TiffWriter(out, bigtiff=True, ome=False) as writer:
             for rec in group:
                 try:
@@ -334,14 +357,17 @@ def recover_run(run_dir: Path | str, out_dir: Path | str | None = None) -> Recov
                     problems.append(IndexProblem(rec["line"], int(rec["frame_id"]), str(exc)))
                     continue
                 writer.write(pixels, contiguous=True, metadata={}, software="dimscope recover")
-                planes.append({"delta_t_s": 0.0, "exposure_ms": float("nan"), **rec})
-        if planes:
-            write_ome_description(out, len(planes), shape, np.dtype(dtype_str), planes,
-                                  float(planes[0].get("pixel_size_um", 1.0)))
+                planes.add(float(rec.get("delta_t_s", 0.0)),
+                           float(rec.get("exposure_ms", float("nan"))),
+                           rec.get("mda_index") or {})
+                frame_ids.append(int(rec["frame_id"]))
+                pixel_size_um = float(rec.get("pixel_size_um", pixel_size_um))
+        if frame_ids:
+            write_ome_description(out, shape, np.dtype(dtype_str), planes, pixel_size_um)
             outputs.append(out)
-            recovered += len(planes)
+            recovered += len(frame_ids)
             (out_dir / f"{out.name.split('.')[0]}.frames.json").write_text(
-                json.dumps([int(p["frame_id"]) for p in planes]))
+                json.dumps(frame_ids))
         else:
             out.unlink(missing_ok=True)
     problems.sort(key=lambda p: p.line)

@@ -73,20 +73,52 @@ def test_a_real_buffer_overrun_stops_and_says_how_many_frames_were_lost(tmp_path
 # -- the archive folder -----------------------------------------------------------------------
 
 
+# Imports everything first, then waits for a common instant, so that the daemons choose
+# and create their run folders at the same moment (the window of the old race).
+_DAEMON_AT = r"""
+import sys, time
+from dimscope.daemon import cli, pipeline  # noqa: F401  (imported before the start line)
+start_at = float(sys.argv[1])
+time.sleep(max(0.0, start_at - time.time()))
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_daemons_started_together_on_one_out_folder_never_share_a_run_folder(
         tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    configs = [_sim_config(tmp_path / f"d{i}.toml") for i in range(4)]
-    procs = [subprocess.Popen([*CLI, "run", "-c", str(c), "--frames", "60", "--out", str(out),
-                               "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    n = 6
+    configs = [_sim_config(tmp_path / f"d{i}.toml") for i in range(n)]
+    start_at = time.time() + 8.0  # after every interpreter has imported
+    procs = [subprocess.Popen([sys.executable, "-c", _DAEMON_AT, str(start_at), "run", "-c",
+                               str(c), "--frames", "60", "--out", str(out), "-q"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for c in configs]
     codes = [p.wait(120) for p in procs]
-    assert codes == [0, 0, 0, 0], [p.stderr.read() for p in procs if p.stderr]
+    assert codes == [0] * n, [p.stderr.read() for p in procs if p.stderr]
     runs = sorted(p for p in out.iterdir() if p.is_dir())
-    assert len(runs) == 4
+    assert len(runs) == n
     for run in runs:
         ids = [r["frame_id"] for r in read_index(run)[0]]
         assert ids == list(range(60)), f"{run.name}: {len(ids)} frames, duplicates or gaps"
+
+
+def test_run_folder_creation_is_create_or_fail_under_contention(tmp_path: Path) -> None:
+    from dimscope.daemon.archive import create_run_dir
+
+    barrier = threading.Barrier(16)
+    made: list[Path] = []
+
+    def create() -> None:
+        barrier.wait()
+        made.append(create_run_dir(tmp_path / "runs", "20261125-120000-sim"))
+
+    threads = [threading.Thread(target=create) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 16 and all(p.is_dir() for p in made)
 
 
 # -- SIGTERM while the writer is behind --------------------------------------------------------
@@ -346,39 +378,75 @@ def test_sim_keeps_ground_truth_only_when_asked() -> None:
 # -- counters that do not mislead --------------------------------------------------------------
 
 
-def test_drop_counter_is_exact_when_producer_and_worker_both_drop() -> None:
-    from dimscope.daemon.stage import OverflowPolicy, Stage
+def test_publisher_counts_add_up_when_producer_and_sender_both_drop() -> None:
+    """Offers overflow the queue (dropped by the producer thread) while a full subscriber makes
+    sends fail (dropped by the worker): every snapshot a metrics reader takes meanwhile adds up
+    (received = passed + dropped + queued + at most the one frame being sent), and so do the
+    final counts, exactly."""
+    from dimscope.daemon.publisher import PublishSocket, PublishStage
 
-    stage = Stage("viewer", 1, OverflowPolicy.DROP_OLDEST)  # never started: every offer drops
-    frame = _frame(0)
-    n = 100_000
+    address = free_tcp_address()
+    sock = PublishSocket(address, send_hwm=1)
+    stalled = zmq.Context.instance().socket(zmq.SUB)  # connected, never reads
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"raw")
+    stalled.connect(address)
+    time.sleep(0.3)
+    stage = PublishStage("raw", sock, 2)
+    frame = Frame(frame_id=0, pixels=np.zeros((256, 256), np.uint16), acquired_unix_ns=0,
+                  exposure_ms=1.0, pixel_size_um=0.1, source="test",
+                  marks=(("acquired", time.monotonic_ns()),))
+    done = threading.Event()
+    unbalanced: list[dict[str, object]] = []
+
+    def metrics_reader() -> None:
+        while not done.is_set():
+            snap = stage.snapshot()
+            accounted = sum(int(snap[k]) for k in ("passed", "dropped", "depth"))  # type: ignore[call-overload]
+            if not 0 <= int(snap["received"]) - accounted <= 1:  # type: ignore[call-overload]
+                unbalanced.append(snap)
+
+    reader = threading.Thread(target=metrics_reader)
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads as often as possible
     try:
-        worker = threading.Thread(target=lambda: [stage.count_dropped() for _ in range(n)])
-        worker.start()
-        for _ in range(n):
+        stage.start()
+        reader.start()
+        for _ in range(30_000):
             stage.offer(frame)
-        worker.join()
+        stage.stop()
     finally:
+        done.set()
+        reader.join()
         sys.setswitchinterval(old)
-    assert stage.counters.dropped == (n - 1) + n
+        stalled.close(0)
+        sock.close()
+    c = stage.counters
+    assert c.dropped > 0 and c.passed > 0
+    assert c.received == c.passed + c.dropped, c
+    assert not unbalanced, f"{len(unbalanced)} inconsistent snapshots, e.g. {unbalanced[0]}"
 
 
 def test_subscriber_gets_the_tail_of_the_stream_when_the_run_ends(tmp_path: Path) -> None:
-    from dimscope.daemon.client import Recorder
+    """Frames still queued in the publisher when the run stops reach a viewer that reads them
+    within `publish.linger_ms` (a socket closed without linger discards them)."""
     from dimscope.daemon.pipeline import Pipeline
 
     from .conftest import make_config
 
-    cfg = make_config(tmp_path, source={"kind": "sim", "width": 64, "height": 64,
-                                        "exposure_ms": 1.0}, engine={"name": "identity"})
-    pipeline = Pipeline(cfg)
-    pipeline.start(max_frames=300)
-    recorder = Recorder(pipeline.publish_endpoint or "", ["raw"])
-    pipeline.wait()
-    summary = pipeline.stop()
-    received = [h["frame_id"] for _, h, _ in recorder.close(linger_s=1.0)]
-    published = summary["stages"]["publish_raw"]["passed"]
-    assert received and received[-1] == 299  # the last frame made it out before close
-    assert len(received) == published - received[0]  # nothing lost after the first one
+    address = free_tcp_address()
+    cfg = make_config(tmp_path, source={"kind": "sim", "width": 256, "height": 256,
+                                        "exposure_ms": 2.0}, engine={"name": "identity"},
+                      publish={"address": address, "send_hwm": 1000, "enhanced": False})
+    # A viewer that takes nothing during the run: 12 MB of frames back up in the publisher.
+    with Subscriber(address, topics=["raw"], rcv_hwm=2) as viewer:
+        time.sleep(0.3)
+        pipeline = Pipeline(cfg)
+        pipeline.start(max_frames=100)
+        pipeline.wait()
+        summary = pipeline.stop()
+        assert summary["stages"]["publish_raw"]["passed"] == 100
+        received = [msg.header["frame_id"] for msg in viewer.frames(timeout_s=3)]
+    # The first frames may precede the subscription (ZeroMQ's slow joiner); after the first
+    # one received, every frame to the very last arrives.
+    assert received and received == list(range(received[0], 100)) and len(received) > 50
