@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .base import FrameSource, GroundTruthSource, SourceError, release_core
+from .base import FrameSource, SourceError, release_core
 
 if TYPE_CHECKING:
-    from dimscope.daemon.config import SourceConfig
+    from .config import SourceConfig
 
-__all__ = ["FrameSource", "GroundTruthSource", "SourceError", "make_source", "release_core"]
+__all__ = ["FrameSource", "SourceError", "make_source", "release_core"]
 
 _SOURCES = {
     "sim": "dimscope.drivers.sim:SimSource",

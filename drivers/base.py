@@ -7,7 +7,6 @@ import logging
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    import numpy as np
     from pymmcore_plus import CMMCorePlus
 
 log = logging.getLogger(__name__)
@@ -46,13 +45,6 @@ class FrameSource(Protocol):
     def open(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-@runtime_checkable
-class GroundTruthSource(Protocol):
-    """A source that knows the noiseless image behind each frame it produced."""
-
-    def ground_truth(self, camera_frame: int, scale: int = 1) -> np.ndarray: ...
 
 
 def whole_frame_buffer_mb(buffer_mb: float, frame_bytes: int) -> float:

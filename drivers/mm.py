@@ -9,7 +9,7 @@ from pymmcore_plus import CMMCorePlus
 from .base import SourceError, release_core
 
 if TYPE_CHECKING:
-    from dimscope.daemon.config import MMSourceConfig
+    from .config import MMSourceConfig
 
 
 class MMSource:
@@ -37,7 +37,7 @@ class MMSource:
         return float(size) if size > 0 else 1.0
 
     def open(self) -> None:
-        from dimscope.daemon.config import default_adapter_paths
+        from .config import default_adapter_paths
 
         adapters = [str(p) for p in (self.cfg.adapter_paths or default_adapter_paths())]
         core = CMMCorePlus(adapter_paths=adapters or None)  # type: ignore[arg-type]  # None = MM default

@@ -27,7 +27,7 @@ from .camera_noise import CameraNoise
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
 
-    from dimscope.daemon.config import ReplaySourceConfig
+    from .config import ReplaySourceConfig
 
 CAMERA = "ReplayCamera"
 

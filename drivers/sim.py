@@ -39,7 +39,7 @@ from .specimen import Specimen, SpecimenState
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
 
-    from dimscope.daemon.config import SimSourceConfig
+    from .config import SimSourceConfig
 
 CAMERA, LASER, FOCUS = "SimCamera", "SimLaser", "SimZ"
 
