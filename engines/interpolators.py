@@ -75,8 +75,8 @@ class ModelInterpolator:
         self._padded = (round_up(shape[0], m), round_up(shape[1], m))
         if self.runtime is not None:
             self.runtime.close()
-        self.runtime = open_runtime(self.runtime_kind, self.path, self.card, self.precision)
-        self.runtime.compile((1, 1, *self._padded))
+        self.runtime = open_runtime(self.runtime_kind, self.path, self.card, self.precision,
+                                    shape=(1, 1, *self._padded))
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
                                runtime=self.runtime.name, precision=self.runtime.precision)
 

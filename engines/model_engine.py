@@ -74,8 +74,7 @@ class ModelEngine:
         if self.runtime is not None:
             self.runtime.close()
         self.runtime = open_runtime(self.runtime_kind, self.path, self.card,
-                                    self.precision_request)
-        self.runtime.compile((1, 1, h, w))
+                                    self.precision_request, shape=(1, 1, h, w))
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
                                runtime=self.runtime.name, precision=self.runtime.precision,
                                scale=self.scale)

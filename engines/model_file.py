@@ -114,3 +114,30 @@ def onnx_weights(path: Path) -> dict[str, Any]:
 
     proto = onnx.load(str(path))
     return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def model_inputs(path: Path, frame_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each model input for frames of `frame_shape` (N, C, H, W).
+
+    Frame inputs take the frame shape; an input whose dimensions are all fixed
+    at 1 (the interpolation time `t`) keeps them. In the file's input order, so
+    a runtime can allocate and bind one buffer per input whatever the model.
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs: list[tuple[str, tuple[int, ...]]] = []
+    for inp in proto.graph.input:
+        if inp.name in initializers:
+            continue
+        dims = [int(d.dim_value) if d.HasField("dim_value") else 0
+                for d in inp.type.tensor_type.shape.dim]
+        scalar = bool(dims) and all(d == 1 for d in dims)
+        inputs.append((inp.name, tuple(dims) if scalar else tuple(frame_shape)))
+    return inputs
+
+
+def input_shapes(path: Path, frame_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes of `model_inputs`, in order."""
+    return [shape for _, shape in model_inputs(path, frame_shape)]

@@ -3,8 +3,11 @@
 `open_runtime("auto", ...)` picks TensorRT when it imports and a GPU is
 present, else CUDA through PyTorch when a GPU is present, else the CPU
 runtime (OpenVINO, measured fastest here; onnxruntime if OpenVINO is not
-installed). Every fallback is logged in one line saying why, and the reason
-is kept on the runtime (`fallback_note`) for the status line.
+installed). A runtime is chosen only after it has compiled the model for the
+camera's shape and run it once on zeros, so a failure anywhere in that (a
+parser, a plan build, a kernel) falls back to the next runtime. Every fallback
+is logged in one line saying why, and the reason is kept on the runtime
+(`fallback_note`) for the status line.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .base import EngineError
-from .model_file import ModelCard
+from .model_file import ModelCard, input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +70,39 @@ def _construct(kind: str, path: Path, card: ModelCard, precision: str) -> Runtim
     return runtime
 
 
-def open_runtime(kind: str, path: Path, card: ModelCard, precision: str = "auto") -> Runtime:
-    """The runtime named `kind` (or chosen by `auto`/`cpu`) for the model at `path`."""
+def _ready(kind: str, path: Path, card: ModelCard, precision: str,
+           shape: tuple[int, int, int, int] | None) -> Runtime:
+    """Construct, compile for `shape` and run once on zeros: a runtime that passed this runs."""
+    runtime = _construct(kind, path, card, precision)
+    if shape is not None:
+        try:
+            runtime.compile(shape)
+            runtime.run(*(np.zeros(s, np.float32) for s in input_shapes(path, shape)))
+        except BaseException:
+            runtime.close()
+            raise
+    return runtime
+
+
+def open_runtime(kind: str, path: Path, card: ModelCard, precision: str = "auto",
+                 shape: tuple[int, int, int, int] | None = None) -> Runtime:
+    """The runtime named `kind` (or chosen by `auto`/`cpu`) for the model at `path`.
+
+    With `shape` (N, C, H, W) the runtime comes back compiled and warmed up for
+    it; under `auto`/`cpu` a runtime that fails to do so is passed over.
+    """
     if kind not in RUNTIME_CHOICES:
         raise EngineError(f"unknown runtime {kind!r}; choose from {', '.join(RUNTIME_CHOICES)}")
     if kind not in ("auto", "cpu"):
         try:
-            return _construct(kind, path, card, precision)
+            return _ready(kind, path, card, precision, shape)
         except ImportError as exc:
             raise EngineError(f"runtime {kind!r} is not installed here ({exc})") from None
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"runtime {kind!r} cannot run {path.name} at {shape}: "
+                              f"{type(exc).__name__}: {exc}") from None
     notes: list[str] = []
     candidates = ["openvino", "onnxruntime"]
     if kind == "auto":
@@ -85,8 +112,8 @@ def open_runtime(kind: str, path: Path, card: ModelCard, precision: str = "auto"
             notes.append("no NVIDIA GPU visible")
     for candidate in candidates:
         try:
-            runtime = _construct(candidate, path, card, precision)
-        except Exception as exc:  # any failed import or failed init means: try the next one
+            runtime = _ready(candidate, path, card, precision, shape)
+        except Exception as exc:  # a failed import, init, compile or first run: next one
             notes.append(f"{candidate} unavailable ({type(exc).__name__}: {exc})")
             continue
         if notes and candidate != candidates[0]:

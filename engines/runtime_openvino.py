@@ -16,7 +16,7 @@ import numpy as np
 import openvino as ov
 
 from .base import EngineError
-from .model_file import ModelCard
+from .model_file import ModelCard, input_shapes
 
 _PRECISIONS = {"auto": None, "fp32": "f32", "bf16": "bf16"}
 
@@ -54,8 +54,9 @@ class OpenVINORuntime:
         try:
             model = self.core.read_model(str(self.path))
             # Frame inputs take the frame shape; a scalar input (interpolation time) stays 1x1.
-            model.reshape({inp.get_any_name(): [1, 1, 1, 1] if inp.get_any_name() == "t"
-                           else list(shape) for inp in model.inputs})
+            shapes = input_shapes(self.path, shape)
+            model.reshape({inp.get_any_name(): list(s)
+                           for inp, s in zip(model.inputs, shapes, strict=True)})
         except Exception as exc:
             raise EngineError(f"OpenVINO cannot load {self.path} for input {shape}: {exc}"
                               ) from None

@@ -19,7 +19,7 @@ import torch
 
 from .base import EngineError
 from .gpu_io import GpuSlots, SlotRuntime
-from .model_file import ModelCard, file_digest
+from .model_file import ModelCard, file_digest, model_inputs
 from .plan_cache import load_plan, plan_key, store_plan
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,8 @@ class TensorRTRuntime(SlotRuntime):
         if self.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            name = network.get_input(i).name
-            profile.set_shape(name, shape, shape, shape)
+        for name, input_shape in model_inputs(self.path, shape):  # frames, and `t`
+            profile.set_shape(name, input_shape, input_shape, input_shape)
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
@@ -70,14 +69,15 @@ class TensorRTRuntime(SlotRuntime):
         engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan)
         n, _, h, w = shape
         out_shape = (n, 1, h * self.card.scale, w * self.card.scale)
-        self.io = GpuSlots([shape] * self.card.inputs, out_shape, torch.float32)
+        inputs = model_inputs(self.path, shape)
+        self.io = GpuSlots([s for _, s in inputs], out_shape, torch.float32)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         output = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self._contexts = []
         for slot in self.io.slots:
             context = engine.create_execution_context()
-            for name, tensor in zip(inputs, slot.dev_in, strict=True):
+            # Bound by name, in the ONNX file's input order (the slot's buffer order).
+            for (name, _), tensor in zip(inputs, slot.dev_in, strict=True):
                 context.set_input_shape(name, tuple(tensor.shape))
                 context.set_tensor_address(name, tensor.data_ptr())
             context.set_tensor_address(output, slot.dev_out.data_ptr())

@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import EngineError
 from .gpu_io import GpuSlots, SlotRuntime
-from .model_file import ModelCard, onnx_weights
+from .model_file import ModelCard, input_shapes, onnx_weights
 from .nets import build_network
 
 
@@ -74,7 +74,7 @@ class CudaRuntime(SlotRuntime):
         self.dtype = _DTYPES[precision]
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         self.fallback_note = ""
-        self.card, self.cuda_graphs = card, cuda_graphs
+        self.path, self.card, self.cuda_graphs = path, card, cuda_graphs
         self.net = network_from_file(path, card).to("cuda", self.dtype)
         self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.io = None
@@ -83,12 +83,17 @@ class CudaRuntime(SlotRuntime):
     def compile(self, shape: tuple[int, int, int, int]) -> None:
         n, _, h, w = shape
         out_shape = (n, 1, h * self.card.scale, w * self.card.scale)
-        self.io = GpuSlots([shape] * self.card.inputs, out_shape, self.dtype)
+        # One buffer per model input: frames, and the interpolation time `t` (1x1x1x1).
+        self.io = GpuSlots(input_shapes(self.path, shape), out_shape, self.dtype)
         self._graphs = []
         with torch.inference_mode():
-            for _ in range(3):  # warm-up on the compute stream (cuDNN autotuning)
-                for index in range(len(self.io.slots)):
-                    self._eager(index)
+            # Warm-up on the stream the graphs are captured on (cuDNN autotuning; PyTorch
+            # requires a side-stream warm-up before capture).
+            self.io.compute.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.io.compute):
+                for _ in range(3):
+                    for index in range(len(self.io.slots)):
+                        self._eager(index)
             torch.cuda.synchronize()
             if self.cuda_graphs:
                 for slot in self.io.slots:
