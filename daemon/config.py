@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -58,6 +58,15 @@ class ArchiveConfig(StrictModel):
         "below the service manager's stop timeout (systemd/dimscope.service: 120 s)")
 
 
+def known_engine(name: str) -> str:
+    from dimscope.engines import available_engines
+
+    names = available_engines()
+    if name not in names:
+        raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(names))}")
+    return name
+
+
 class TierConfig(StrictModel):
     """A faster fallback for the latency budget: another engine and/or other options."""
 
@@ -67,12 +76,7 @@ class TierConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from dimscope.engines import available_engines
-
-        if name not in available_engines():
-            raise ValueError(f"unknown engine {name!r}; available: "
-                             f"{', '.join(sorted(available_engines()))}")
-        return name
+        return known_engine(name)
 
 
 class EngineConfig(StrictModel):
@@ -92,12 +96,7 @@ class EngineConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from dimscope.engines import available_engines
-
-        names = available_engines()
-        if name not in names:
-            raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(names))}")
-        return name
+        return known_engine(name)
 
     @model_validator(mode="after")
     def _model_named(self) -> EngineConfig:
@@ -133,6 +132,62 @@ class PublishConfig(StrictModel):
     def _endpoint(cls, address: str) -> str:
         check_endpoint(address, bind=True)
         return address
+
+
+#: node and topic names: lower-case words (they become file, metric and topic names)
+_NAME = r"^[a-z][a-z0-9_]{0,47}$"
+
+
+class _NodeConfig(StrictModel):
+    """A stage of the frame graph: a name, the node it takes frames from, its queue."""
+
+    name: str = Field(pattern=_NAME)
+    upstream: str = Field(
+        "acquisition", description="the node whose output this one takes: `acquisition` "
+        "(raw frames) or the name of an earlier node")
+    queue_frames: int = Field(8, ge=1, description="frames waiting (drop-oldest when full)")
+
+
+class EngineNodeConfig(_NodeConfig):
+    """An enhancement engine on the frames of its upstream."""
+
+    kind: Literal["engine"] = "engine"
+    engine: str
+    options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    queue_frames: int = Field(1, ge=1, description="1 = always the newest frame")
+    budget_ms: float | None = Field(None, gt=0)
+    tiers: tuple[TierConfig, ...] = ()
+
+    @field_validator("engine")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return known_engine(name)
+
+
+class PublishNodeConfig(_NodeConfig):
+    """Publish the frames of its upstream on a ZeroMQ topic of the daemon's PUB socket."""
+
+    kind: Literal["publish"] = "publish"
+    topic: str = Field(pattern=_NAME)
+
+
+class InterpolateNodeConfig(_NodeConfig):
+    """Synthesise frames between consecutive frames of its upstream."""
+
+    kind: Literal["interpolate"] = "interpolate"
+    factor: Literal[2, 4] = 2
+    method: Literal["model", "linear", "repeat"] = "model"
+    options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    queue_frames: int = Field(2, ge=1)
+
+
+#: one `[[stages]]` entry, told apart by `kind` (each kind one model, CAREamics-style)
+NodeConfig = Annotated[EngineNodeConfig | PublishNodeConfig | InterpolateNodeConfig,
+                       Field(discriminator="kind")]
+
+#: the nodes every run has (see `daemon/graph.py`); extra `[[stages]]` may not reuse them
+DEFAULT_NODE_NAMES = ("acquisition", "archive", "publish_raw", "engine", "publish_enhanced",
+                      "interpolate", "publish_interpolated")
 
 
 def check_endpoint(address: str, *, bind: bool) -> None:
@@ -227,8 +282,29 @@ class Config(StrictModel):
         None, description="a useq MDASequence (inline keys, or `file` = YAML/JSON path relative "
         "to the config): run this time-lapse instead of live streaming")
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    stages: tuple[NodeConfig, ...] = Field(
+        (), description="extra nodes of the frame graph, each naming its upstream "
+        "(see docs/architecture.md)")
 
     _mda = field_validator("mda")(_resolve_mda)
+
+    @model_validator(mode="after")
+    def _graph_is_declared_in_order(self) -> Config:
+        known = set(DEFAULT_NODE_NAMES)
+        topics = {"raw", "enhanced", "interpolated"}
+        for i, node in enumerate(self.stages):
+            where = f"stages[{i}] ({node.name!r})"
+            if node.name in known:
+                raise ValueError(f"{where}: the name is already taken")
+            if node.upstream not in known:
+                raise ValueError(f"{where}: upstream {node.upstream!r} is not an earlier node "
+                                 f"(declared so far: {', '.join(sorted(known))})")
+            if isinstance(node, PublishNodeConfig):
+                if node.topic in topics:
+                    raise ValueError(f"{where}: topic {node.topic!r} is already published")
+                topics.add(node.topic)
+            known.add(node.name)
+        return self
 
 
 def _format_errors(origin: str, exc: ValidationError) -> str:
@@ -237,6 +313,9 @@ def _format_errors(origin: str, exc: ValidationError) -> str:
         parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
         if len(parts) > 1 and parts[0] == "source" and parts[1] in ("sim", "mm", "replay"):
             del parts[1]  # the discriminator tag pydantic inserts is not a key in the file
+        if len(parts) > 2 and parts[0] == "stages" and parts[2] in ("engine", "publish",
+                                                                    "interpolate"):
+            del parts[2]
         loc = ".".join(parts)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

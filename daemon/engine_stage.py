@@ -31,7 +31,7 @@ import numpy as np
 
 from dimscope.engines import CameraCalibration, Engine, EngineError
 
-from .frame import Frame, freeze
+from .frame import BudgetOutcome, Frame, freeze
 from .stage import OverflowPolicy, Stage
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ TIER_HEADROOM = 0.8
 class EngineStage(Stage):
     def __init__(self, engine: Engine, calibration: CameraCalibration, queue_frames: int,
                  budget_ms: float | None = None,
-                 tiers: Sequence[tuple[str, Callable[[], Engine]]] = ()) -> None:
-        super().__init__("engine", queue_frames, OverflowPolicy.DROP_OLDEST)
+                 tiers: Sequence[tuple[str, Callable[[], Engine]]] = (),
+                 name: str = "engine") -> None:
+        super().__init__(name, queue_frames, OverflowPolicy.DROP_OLDEST)
         self.engine = engine
         self.calibration = calibration
         self.budget_ms = budget_ms
@@ -109,7 +110,7 @@ class EngineStage(Stage):
             if judged and not probe and age_ms + self._expected_ms() > self.budget_ms:
                 self.skipped += 1
                 self._skips_in_a_row += 1
-                self.emit(started.replace(metadata={**frame.metadata, "budget": "skipped"}))
+                self.emit(started.replace(budget="skipped", tier=self.tier))
                 return
         t0 = time.monotonic_ns()
         try:
@@ -130,15 +131,15 @@ class EngineStage(Stage):
         self._skips_in_a_row = 0
         self._consecutive_errors = 0
         scale = self.engine.scale
-        metadata = dict(frame.metadata)
+        budget: BudgetOutcome | None = None
         if self.budget_ms is not None:
             missed = (done_ns - frame.marks[0][1]) / 1e6 > self.budget_ms
             self.counters.late += int(missed)
-            metadata["budget"] = "missed" if missed else "met"
+            budget = "missed" if missed else "met"
         enhanced = started.replace(
             pixels=freeze(out), kind="enhanced", engine=self.engine.info,
             source_ids=(frame.frame_id,), pixel_size_um=frame.pixel_size_um / scale,
-            metadata=metadata,
+            budget=budget, tier=self.tier if self.budget_ms is not None else None,
         ).marked("engine_done", done_ns)
         self.emit(enhanced)
         self._maybe_next_tier()

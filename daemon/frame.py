@@ -18,6 +18,8 @@ import numpy as np
 from dimscope.engines.base import EngineInfo
 
 FrameKind = Literal["raw", "enhanced", "interpolated"]
+#: what the latency budget made of a frame: enhanced in time, enhanced late, or passed on raw
+BudgetOutcome = Literal["met", "missed", "skipped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,12 @@ class Frame:
     marks: tuple[tuple[str, int], ...] = ()
     # MDA indices such as {"t": 3, "c": 0, "z": 1} when acquired by a sequence.
     mda_index: Mapping[str, int] = field(default_factory=dict)
+    #: interpolated frames: where between `source_ids[0]` (0) and `source_ids[1]` (1)
+    t: float | None = None
+    #: set by an engine stage with a latency budget
+    budget: BudgetOutcome | None = None
+    #: the engine tier that made (or skipped) this frame, when a budget has tiers
+    tier: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

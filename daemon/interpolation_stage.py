@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class InterpolationStage(Stage):
-    def __init__(self, interpolator: Interpolator, factor: int) -> None:
-        super().__init__("interpolate", 1, OverflowPolicy.DROP_OLDEST)
+    def __init__(self, interpolator: Interpolator, factor: int, name: str = "interpolate",
+                 queue_frames: int = 1) -> None:
+        super().__init__(name, queue_frames, OverflowPolicy.DROP_OLDEST)
         if factor < 2:
             raise ValueError(f"interpolation factor must be >= 2, got {factor}")
         self.interpolator = interpolator
@@ -59,7 +60,7 @@ class InterpolationStage(Stage):
                 pixels=freeze(pixels), kind="interpolated", engine=self.interpolator.info,
                 source_ids=(previous.frame_id, frame.frame_id),
                 acquired_unix_ns=previous.acquired_unix_ns + round(t * span_ns),
-                metadata={"t": f"{t:.6g}"},
+                metadata={}, t=t, budget=None, tier=None,
                 mda_index={**frame.mda_index, **({"t": frame.mda_index["t"] - 1}
                                                  if "t" in frame.mda_index else {})},
             ).marked("interp_start", started).marked("interp_done")

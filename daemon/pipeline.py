@@ -1,8 +1,7 @@
-"""Wires a source, the stages and the publisher into one running pipeline.
-
-    core ──acquisition──┬─> archive (FAIL: never drops)
-                        ├─> publish_raw (DROP_OLDEST)
-                        └─> engine (DROP_OLDEST, newest frame) ─> publish_enhanced
+"""One run: open the source, build the declared frame graph (`graph.py`), acquire, stop
+cleanly, summarise. The graph's nodes come from config; this module owns only the
+order of things — bind, load the engine, create the run folder, start sinks first,
+acquire; on stop: acquisition first, then drain every queue, archive first.
 """
 
 from __future__ import annotations
@@ -18,18 +17,18 @@ from typing import Any
 import numpy as np
 
 from dimscope.drivers import SourceError, make_source
-from dimscope.engines import CameraCalibration, EngineError, make_engine
-from dimscope.engines.interpolators import make_interpolator
+from dimscope.engines import CameraCalibration, EngineError
 
 from . import __version__
 from .acquisition import Acquisition
-from .archive import RawArchive, create_run_dir
-from .config import Config
-from .engine_stage import EngineStage
-from .interpolation_stage import InterpolationStage
+from .archive import create_run_dir
+from .config import DEFAULT_NODE_NAMES, Config, with_overrides
+from .graph import BuildContext, build_graph, declared_nodes, load_engine, split_calibration
 from .mda import MDAAcquisition, load_sequence
 from .publisher import PublishSocket, PublishStage
 from .stage import Stage
+
+__all__ = ["Pipeline", "split_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +52,6 @@ def _calibration(source: Any) -> CameraCalibration:
     """A source that models its camera says so; real hardware defaults to gain 1, offset 0."""
     calibration = getattr(source, "calibration", None)
     return calibration if isinstance(calibration, CameraCalibration) else CameraCalibration()
-
-
-def split_calibration(options: dict[str, Any], default: CameraCalibration
-                      ) -> tuple[CameraCalibration, dict[str, Any]]:
-    opts = dict(options)
-    cal = CameraCalibration(
-        gain_adu_per_e=float(opts.pop("gain_adu_per_e", default.gain_adu_per_e)),
-        offset_adu=float(opts.pop("offset_adu", default.offset_adu)),
-        read_noise_e=float(opts.pop("read_noise_e", default.read_noise_e)),
-    )
-    return cal, opts
 
 
 def _engine_info(info: Any) -> dict[str, Any] | None:
@@ -92,7 +80,10 @@ class Pipeline:
         # A useq MDASequence: from the command line, else the config's [mda] block.
         self.mda_sequence = mda if mda is not None else (
             load_sequence(dict(config.mda)) if config.mda else None)
-        self.engine_name = engine or config.engine.name
+        if engine is not None:
+            config = with_overrides(config, engine=engine)
+            self.config = config
+        self.engine_name = config.engine.name
         self.out_dir = Path(out_dir) if out_dir is not None else config.archive.out_dir
         self.source = make_source(config.source)
         self.run_dir: Path | None = None
@@ -103,6 +94,8 @@ class Pipeline:
         self.engine_error: str | None = None
         self.interpolate_error: str | None = None
         self.engine_info: Any = None
+        #: extra nodes that are not running, and why
+        self.node_errors: dict[str, str] = {}
         self._stop_requested = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -120,110 +113,57 @@ class Pipeline:
             self._shutdown()
             raise
 
-    def _load_engine(self, calibration: CameraCalibration) -> Any:
-        """The prepared engine, or None (raw-only run) under the `raw_only` failure policy."""
-        core = self.source.core
-        shape = (core.getImageHeight(), core.getImageWidth())
-        # Calibration keys in engine.options describe the camera, not the engine.
-        _, engine_options = split_calibration(dict(self.config.engine.options),
-                                                      calibration)
+    def _load_main_engine(self, ctx: BuildContext) -> None:
+        """Load `[engine]` before anything is created, so `on_failure = "stop"` refuses to start
+        cleanly; under `raw_only` a failure leaves the run raw-only (said loudly)."""
         try:
-            engine = make_engine(self.engine_name, **engine_options)
-            try:
-                engine.prepare(shape, np.dtype(f"uint{8 * core.getBytesPerPixel()}"),
-                               calibration)
-            except EngineError:
-                raise
-            except Exception as exc:
-                raise EngineError(f"engine {self.engine_name!r} cannot run on {shape} frames: "
-                                  f"{exc}") from exc
+            engine = load_engine(self.engine_name, dict(self.config.engine.options), ctx)
         except EngineError as exc:
             if self.config.engine.on_failure == "stop":
                 raise
             self.engine_error = str(exc)
             log.error("engine %r unavailable, running raw only (archive and raw stream "
                       "unaffected): %s", self.engine_name, exc)
-            return None
+            return
+        ctx.engines["engine"] = engine
         self.engine_info = engine.info
-        return engine
-
-    def _tier_factories(self, calibration: CameraCalibration) -> list[tuple[str, Any]]:
-        factories = []
-        for tier in self.config.engine.tiers:
-            def build(tier: Any = tier) -> Any:
-                _, options = split_calibration(dict(tier.options), calibration)
-                return make_engine(tier.name, **options)
-
-            label = tier.name + ("" if not tier.options else " " + ",".join(
-                f"{k}={v}" for k, v in tier.options.items()))
-            factories.append((label, build))
-        return factories
-
-    def _interpolation_stage(self) -> InterpolationStage | None:
-        cfg = self.config.interpolate
-        factor = self.interpolate_factor or cfg.factor
-        if factor <= 1:
-            return None
-        try:
-            interpolator = make_interpolator(cfg.method, **dict(cfg.options))
-        except EngineError as exc:
-            if self.config.engine.on_failure == "stop":
-                raise
-            self.interpolate_error = str(exc)
-            log.error("interpolation unavailable (raw archiving unaffected): %s", exc)
-            return None
-        return InterpolationStage(interpolator, factor)
 
     def _start_stages(self, max_frames: int | None) -> None:
         cfg = self.config
-        calibration, _ = split_calibration(dict(cfg.engine.options),
-                                                   _calibration(self.source))
-        engine = self._load_engine(calibration)
-
+        core = self.source.core
+        calibration, _ = split_calibration(dict(cfg.engine.options), _calibration(self.source))
         # Bind first: a port in use is bad input and must leave no run folder behind.
         self.socket = PublishSocket(cfg.publish.address, cfg.publish.send_hwm,
                                     cfg.publish.linger_ms)
+        ctx = BuildContext(config=cfg, run_dir=self.out_dir, socket=self.socket,
+                           calibration=calibration,
+                           frame_shape=(core.getImageHeight(), core.getImageWidth()),
+                           frame_dtype=np.dtype(f"uint{8 * core.getBytesPerPixel()}"),
+                           pixel_size_um=self.source.pixel_size_um)
+        self._load_main_engine(ctx)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         try:
-            self.run_dir = create_run_dir(self.out_dir,
-                                          f"{stamp}-{self.source.name.split(':')[0]}")
+            self.run_dir = ctx.run_dir = create_run_dir(
+                self.out_dir, f"{stamp}-{self.source.name.split(':')[0]}")
         except OSError as exc:
             raise OSError(f"cannot create a run folder in {self.out_dir}: "
                           f"{exc.strerror or exc}") from None
-        archive = RawArchive(self.run_dir, queue_frames=cfg.archive.queue_frames,
-                             rotate_bytes=int(cfg.archive.rotate_gb * 2**30),
-                             pixel_size_um=self.source.pixel_size_um,
-                             fsync_every_s=cfg.archive.fsync_every_s)
-        consumers: list[Stage] = []
-        stages: list[Stage] = [archive]
-        if cfg.publish.raw:
-            pub_raw = PublishStage("raw", self.socket, cfg.acquisition.raw_queue_frames)
-            consumers.append(pub_raw)
-            stages.append(pub_raw)
-        interp_stage = self._interpolation_stage()
-        if engine is not None:
-            engine_stage = EngineStage(engine, calibration, cfg.engine.queue_frames,
-                                       budget_ms=cfg.engine.budget_ms,
-                                       tiers=self._tier_factories(calibration))
-            consumers.append(engine_stage)
-            stages.append(engine_stage)
-            if cfg.publish.enhanced:
-                pub_enh = PublishStage("enhanced", self.socket, cfg.publish.queue_frames)
-                engine_stage.connect(pub_enh.offer)
-                stages.append(pub_enh)
-            if interp_stage is not None:
-                engine_stage.connect(interp_stage.offer)  # interpolate what viewers see
-        elif interp_stage is not None:
-            consumers.append(interp_stage)
-        if interp_stage is not None:
-            pub_interp = PublishStage("interpolated", self.socket, cfg.publish.queue_frames)
-            interp_stage.connect(pub_interp.offer)
-            stages += [interp_stage, pub_interp]
-        for stage in stages:
+        nodes = declared_nodes(cfg, interpolate_factor=self.interpolate_factor)
+        graph = build_graph([n for n in nodes if not (n.name == "engine" and self.engine_error)],
+                            ctx, reroute={"interpolate": "acquisition"})
+        interp_error = ctx.errors.get("interpolate")
+        if interp_error:
+            if cfg.engine.on_failure == "stop":
+                raise EngineError(interp_error)
+            self.interpolate_error = interp_error
+        self.node_errors = {k: v for k, v in ctx.errors.items() if k not in DEFAULT_NODE_NAMES}
+        for stage in graph.stages.values():
             stage.on_error(self._stage_failed)
-        self.stages = stages
-        for stage in reversed(stages):  # sinks first, so nothing is offered to a dead stage
+        self.stages = list(graph.stages.values())
+        for stage in graph.in_start_order():  # sinks first: nothing offered to a dead stage
             stage.start()
+        archive = graph.stages["archive"]
+        consumers = [s for s in graph.roots if s is not archive]
         if self.mda_sequence is not None:
             self.acquisition = MDAAcquisition(self.source, archive, consumers, self.mda_sequence,
                                               on_error=self._acquisition_failed)
@@ -370,6 +310,7 @@ class Pipeline:
             "engine_info": _engine_info(self.engine_info),
             "mda_planned": getattr(acq, "planned", None),
             "engine_error": self.engine_error,
+            "node_errors": dict(self.node_errors),
             "interpolate_error": self.interpolate_error,
             "budget": _budget(engine),
             "source": self.source.name,

@@ -80,8 +80,9 @@ class PublishSocket:
 
 
 class PublishStage(Stage):
-    def __init__(self, topic: str, socket: PublishSocket, queue_frames: int) -> None:
-        super().__init__(f"publish_{topic}", queue_frames, OverflowPolicy.DROP_OLDEST)
+    def __init__(self, topic: str, socket: PublishSocket, queue_frames: int,
+                 name: str | None = None) -> None:
+        super().__init__(name or f"publish_{topic}", queue_frames, OverflowPolicy.DROP_OLDEST)
         self.topic = topic
         self._topic_bytes = topic.encode()
         self._socket = socket

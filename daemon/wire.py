@@ -45,10 +45,12 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         "latency_ms": frame.latency_ms(until_ns=published_mono_ns),
         "mda_index": dict(frame.mda_index),
     }
-    if frame.kind == "interpolated":
-        header["t"] = float(frame.metadata["t"])
-    if "budget" in frame.metadata:  # the engine stage's budget decision for this frame
-        header["budget"] = frame.metadata["budget"]
+    if frame.t is not None:
+        header["t"] = frame.t
+    if frame.budget is not None:  # the engine stage's budget decision for this frame
+        header["budget"] = frame.budget
+    if frame.tier is not None:
+        header["tier"] = frame.tier
     return json.dumps(header, separators=(",", ":")).encode()
 
 

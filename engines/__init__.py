@@ -12,7 +12,7 @@ from typing import Any
 from .base import CameraCalibration, Engine, EngineError, EngineInfo
 
 __all__ = ["CameraCalibration", "Engine", "EngineError", "EngineInfo", "available_engines",
-           "make_engine"]
+           "make_engine", "register_engine"]
 
 _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     "identity": ("dimscope.engines.identity:IdentityEngine", {}),
@@ -22,6 +22,17 @@ _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     "sr2": ("dimscope.engines.model_engine:ModelEngine", {"model": "sr2"}),
     "model": ("dimscope.engines.model_engine:ModelEngine", {}),
 }
+
+
+def register_engine(name: str, target: str, defaults: dict[str, Any] | None = None) -> None:
+    """Add an engine from outside this package (a plugin): `target` is "module:Class"."""
+    if ":" not in target:
+        raise ValueError(f"engine target must be 'module:Class', got {target!r}")
+    _ENGINES[name] = (target, dict(defaults or {}))
+
+
+def unregister_engine(name: str) -> None:
+    _ENGINES.pop(name, None)
 
 
 def available_engines() -> list[str]:

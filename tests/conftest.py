@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+def make_config(tmp_path: Path, **sections: Any) -> Config:
     """A config for tests: small fast sim frames, wildcard port, archive under tmp_path."""
     data: dict[str, Any] = {
         "source": {"kind": "sim", "width": 128, "height": 96, "exposure_ms": 5.0,
@@ -20,8 +20,8 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "publish": {"address": "tcp://127.0.0.1:*"},
     }
     for name, values in sections.items():
-        if name == "source":
-            data["source"] = values
+        if name in ("source", "stages"):
+            data[name] = values
         else:
             data.setdefault(name, {}).update(values)
     return parse_config(data, origin="<test>", base_dir=tmp_path)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import tifffile
 from dimscope.daemon.archive import RawArchive, read_frame, read_index, recover_run
 from dimscope.daemon.client import Subscriber
 from dimscope.daemon.frame import Frame
+from dimscope.daemon.graph import BuildContext
 from dimscope.daemon.pipeline import Pipeline
 
 from .conftest import make_config
@@ -123,11 +125,26 @@ class _SlowArchive(RawArchive):
         super().process(frame)
 
 
-def test_archive_falling_behind_stops_acquisition_with_a_specific_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dimscope.daemon.pipeline as pipeline_mod
+@pytest.fixture
+def slow_disk() -> Iterator[None]:
+    """The raw archive node built on a disk slower than the camera (a node-kind plugin)."""
+    from dimscope.daemon.graph import NODE_KINDS, register_node_kind
 
-    monkeypatch.setattr(pipeline_mod, "RawArchive", _SlowArchive)
+    def build(node: object, ctx: BuildContext) -> _SlowArchive:
+        cfg = ctx.config.archive
+        return _SlowArchive(ctx.run_dir, queue_frames=cfg.queue_frames,
+                            rotate_bytes=int(cfg.rotate_gb * 2**30),
+                            pixel_size_um=ctx.pixel_size_um, fsync_every_s=cfg.fsync_every_s)
+
+    previous = register_node_kind("archive", build)
+    yield
+    assert previous is not None
+    NODE_KINDS["archive"] = previous
+
+
+@pytest.mark.usefixtures("slow_disk")
+def test_archive_falling_behind_stops_acquisition_with_a_specific_error(
+        tmp_path: Path) -> None:
     cfg = make_config(tmp_path, source={"kind": "sim", "width": 64, "height": 64,
                                         "exposure_ms": 2.0},
                       archive={"queue_frames": 8})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,9 @@ def test_frame_limit_gives_exactly_that_many_frames(tmp_path: Path) -> None:
     assert engine["received"] == engine["passed"] + engine["dropped"] + engine["errors"]
 
 
-class _BrokenEngine:
-    """An engine that fails on every frame (a model that cannot run)."""
+class BrokenEngine:
+    """An engine that fails on every frame (a model that cannot run); registered below as a
+    plugin through the public `register_engine`, so the config names it like any other."""
 
     scale = 1
 
@@ -132,12 +134,17 @@ class _BrokenEngine:
         pass
 
 
-def test_failing_engine_never_costs_raw_frames(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import dimscope.daemon.pipeline as pipeline_mod
+@pytest.fixture
+def broken_engine() -> Iterator[str]:
+    from dimscope.engines import register_engine, unregister_engine
 
-    monkeypatch.setattr(pipeline_mod, "make_engine", lambda name, **kw: _BrokenEngine())
-    pipeline = Pipeline(make_config(tmp_path))
+    register_engine("broken", f"{__name__}:BrokenEngine")
+    yield "broken"
+    unregister_engine("broken")
+
+
+def test_failing_engine_never_costs_raw_frames(tmp_path: Path, broken_engine: str) -> None:
+    pipeline = Pipeline(make_config(tmp_path, engine={"name": broken_engine}))
     pipeline.start(max_frames=60)
     pipeline.wait()
     summary = pipeline.stop()
