@@ -70,7 +70,7 @@ def run_case(label: str, exposure_ms: float, budget_ms: float, seconds: float,
         proc.start()
         time.sleep(1.0)
         pipeline.wait(duration_s=seconds)
-        summary = pipeline.stop()
+        summary = pipeline.stop().to_dict()
         lat, flags = queue.get(timeout=60)
         proc.join()
     b = summary["budget"]

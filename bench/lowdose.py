@@ -40,7 +40,7 @@ def run(config: Path, out_dir: Path) -> tuple[dict[str, Any], list[Any], Any]:
     pipeline.start()
     recorder = Recorder(pipeline.publish_endpoint or "", ["enhanced", "interpolated"])
     pipeline.wait(duration_s=600)
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     return summary, recorder.close(0.5), pipeline.source.scope  # type: ignore[attr-defined]
 
 

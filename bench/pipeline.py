@@ -84,7 +84,7 @@ def dimscope_run(size: int, seconds: float, out_dir: Path, port: int,
     pipeline = Pipeline(cfg)
     pipeline.start()
     pipeline.wait(duration_s=seconds)
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     stop.set()
     received = results.get(timeout=30)
     sub.join(10)

@@ -6,7 +6,8 @@ Layout of a run folder:
     raw_001.ome.tif   next file once the first passes `rotate_gb`
     index.jsonl       one JSON line per archived frame, appended as it lands,
                       with the xxh3-64 checksum of its pixels
-    run.json          config and summary, written at a clean stop
+    run.json          config, written at a clean stop
+    summary.json      the run summary (daemon/summary.py), written at a clean stop
 
 tifffile writes a contiguous series as one IFD and a block of pixel data, and
 the per-page IFDs and OME-XML only at close. A run killed with SIGKILL

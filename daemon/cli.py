@@ -12,65 +12,67 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .summary import LatencyStats, RunSummary, StageStats
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _fmt_status(p: Any, width: int = 79) -> str:
     """One status line that fits `width` columns (it is redrawn in place with \\r)."""
-    s = p.summary()
-    st = s["stages"]
-    drops = sum(int(v.get("dropped", 0)) for v in st.values())
-    lat = s["latency_ms"].get("enhanced") or s["latency_ms"].get("raw") or {}
-    archive = st.get("archive", {})
-    parts = [f"{s['elapsed_s']:6.1f}s", f"acq {s['acquired']} {s['fps']:.0f}/s",
-             f"arch {s['archived']} q{archive.get('depth', 0)}",
-             f"enh {s['enhanced']}" if s.get("engine_info") else "RAW ONLY",
-             f"drop {drops}", f"lat {lat.get('p50', 0):.0f}/{lat.get('p99', 0):.0f}ms"]
-    budget = s.get("budget")
-    if budget:
-        parts.append(f"T{budget['tier']} skip {budget['skipped']}")
-    interp = st.get("interpolate")
+    s: RunSummary = p.summary()
+    drops = sum(v.dropped for v in s.stages.values())
+    lat = s.latency_ms.get("enhanced") or s.latency_ms.get("raw") or LatencyStats()
+    archive = s.stages.get("archive") or StageStats()
+    parts = [f"{s.elapsed_s:6.1f}s", f"acq {s.acquired} {s.fps:.0f}/s",
+             f"arch {s.archived} q{archive.depth}",
+             f"enh {s.enhanced}" if s.engine_info else "RAW ONLY",
+             f"drop {drops}", f"lat {lat.p50 or 0:.0f}/{lat.p99 or 0:.0f}ms"]
+    if s.budget:
+        parts.append(f"T{s.budget.tier} skip {s.budget.skipped}")
+    interp = s.stages.get("interpolate")
     if interp:
-        parts.append(f"int {interp['passed']}")
+        parts.append(f"int {interp.passed}")
     line = " ".join(parts)
     return line if len(line) <= width else line[:width - 1] + "…"
 
 
-def _print_summary(s: dict[str, Any]) -> None:
+def _print_summary(s: RunSummary) -> None:
     out = sys.stdout
     print("\n== dimscope run summary ==", file=out)
-    print(f"source {s['source']}  engine {s['engine']}  {s['elapsed_s']:.1f} s  "
-          f"{s['fps']:.1f} frames/s", file=out)
-    info = s.get("engine_info")
+    print(f"source {s.source}  engine {s.engine}  {s.elapsed_s:.1f} s  {s.fps:.1f} frames/s"
+          + (f"  ended: {s.finish_reason}" if s.finish_reason else ""), file=out)
+    info = s.engine_info
     if info:
-        print(f"engine {info['name']} {info['version']} on {info['runtime']} "
-              f"({info['precision']}, x{info['scale']})", file=out)
-    if s.get("engine_error"):
-        print(f"ENGINE ERROR (ran raw only): {s['engine_error']}", file=out)
-    if s.get("interpolate_error"):
-        print(f"INTERPOLATION ERROR (not interpolated): {s['interpolate_error']}", file=out)
-    if s.get("budget"):
-        b = s["budget"]
-        print(f"budget {b['budget_ms']:g} ms: final tier {b['tier']} ({b['tier_name']}), "
-              f"{b['tier_changes']} tier change(s), {b['missed']} enhanced frame(s) late, "
-              f"{b['skipped']} skipped (published raw, flagged)", file=out)
-    print(f"acquired {s['acquired']}  archived {s['archived']}  enhanced {s['enhanced']}  "
-          f"published {s['published']}", file=out)
-    print(f"{'stage':<18}{'received':>10}{'passed':>10}{'dropped':>10}{'late':>8}"
+        print(f"engine {info.name} {info.version} on {info.runtime} "
+              f"({info.precision}, x{info.scale})", file=out)
+    if s.engine_error:
+        print(f"ENGINE ERROR (ran raw only): {s.engine_error}", file=out)
+    if s.interpolate_error:
+        print(f"INTERPOLATION ERROR (not interpolated): {s.interpolate_error}", file=out)
+    for node, why in s.node_errors.items():
+        print(f"NODE {node} NOT RUNNING: {why}", file=out)
+    if s.budget:
+        b = s.budget
+        print(f"budget {b.budget_ms:g} ms: final tier {b.tier} ({b.tier_name}), "
+              f"{b.tier_changes} tier change(s), {b.missed} enhanced frame(s) late, "
+              f"{b.skipped} skipped (published raw, flagged)", file=out)
+    print(f"acquired {s.acquired}  archived {s.archived}  enhanced {s.enhanced}  "
+          f"published {s.published}", file=out)
+    print(f"{'stage':<22}{'received':>10}{'passed':>10}{'dropped':>10}{'late':>8}"
           f"{'errors':>8}{'max q':>7}", file=out)
-    for name, v in s["stages"].items():
-        print(f"{name:<18}{v.get('received', 0):>10}{v.get('passed', 0):>10}"
-              f"{v.get('dropped', 0):>10}{v.get('late', 0):>8}{v.get('errors', 0):>8}"
-              f"{v.get('max_depth', 0):>7}", file=out)
-    for topic, lat in s["latency_ms"].items():
-        if lat.get("n"):
+    for name, v in s.stages.items():
+        print(f"{name:<22}{v.received:>10}{v.passed:>10}{v.dropped:>10}{v.late:>8}"
+              f"{v.errors:>8}{v.max_depth:>7}", file=out)
+    for topic, lat in s.latency_ms.items():
+        if lat.n:
             what = "processing" if topic in ("engine", "interpolate") else "acquisition -> publish"
-            print(f"latency {topic:<9} ({what}): p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms"
-                  f"  max {lat['max']:.2f} ms", file=out)
-    print(f"archive: {s['run_dir']}", file=out)
-    if s.get("error"):
-        print(f"ERROR: {s['error']}", file=out)
+            print(f"latency {topic:<9} ({what}): p50 {lat.p50:.2f} ms  p99 {lat.p99:.2f} ms"
+                  f"  max {lat.max:.2f} ms", file=out)
+    print(f"archive: {s.run_dir}", file=out)
+    if s.write_error:
+        print(f"COULD NOT WRITE: {s.write_error}", file=out)
+    if s.error:
+        print(f"ERROR: {s.error}", file=out)
 
 
 def _announce_data_rate(pipeline: Any) -> None:
@@ -161,11 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_summary(summary)
     if args.summary_json:
         try:
-            Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+            Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
         except OSError as exc:
             print(f"dimscope: could not write the summary to {args.summary_json}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
-    failed = summary.get("error") or summary.get("engine_error")
+    failed = summary.error or summary.engine_error
     return EXIT_RUN_FAILED if failed else EXIT_OK
 
 

@@ -27,6 +27,14 @@ from .graph import BuildContext, build_graph, declared_nodes, load_engine, split
 from .mda import MDAAcquisition, load_sequence
 from .publisher import PublishSocket, PublishStage
 from .stage import Stage
+from .summary import (
+    BudgetReport,
+    EngineReport,
+    LatencyStats,
+    RunState,
+    RunSummary,
+    StageStats,
+)
 
 __all__ = ["Pipeline", "split_calibration"]
 
@@ -54,19 +62,19 @@ def _calibration(source: Any) -> CameraCalibration:
     return calibration if isinstance(calibration, CameraCalibration) else CameraCalibration()
 
 
-def _engine_info(info: Any) -> dict[str, Any] | None:
+def _engine_report(info: Any) -> EngineReport | None:
     if info is None:
         return None
-    return {"name": info.name, "version": info.version, "runtime": info.runtime,
-            "precision": info.precision, "scale": info.scale}
+    return EngineReport(name=info.name, version=info.version, runtime=info.runtime,
+                        precision=info.precision, scale=info.scale)
 
 
-def _budget(engine: Any) -> dict[str, Any] | None:
-    if engine is None or engine.budget_ms is None:
+def _budget(engine: Any) -> BudgetReport | None:
+    if engine is None or getattr(engine, "budget_ms", None) is None:
         return None
-    return {"budget_ms": engine.budget_ms, "tier": engine.tier, "tier_name": engine.tier_name,
-            "tier_changes": engine.tier_changes, "skipped": engine.skipped,
-            "missed": engine.counters.late}
+    return BudgetReport(budget_ms=engine.budget_ms, tier=engine.tier, tier_name=engine.tier_name,
+                        tier_changes=engine.tier_changes, skipped=engine.skipped,
+                        missed=engine.counters.late)
 
 
 class Pipeline:
@@ -96,11 +104,13 @@ class Pipeline:
         self.engine_info: Any = None
         #: extra nodes that are not running, and why
         self.node_errors: dict[str, str] = {}
+        self.state = RunState.IDLE
         self._stop_requested = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, max_frames: int | None = None) -> None:
         cfg = self.config
+        self.state = RunState.STARTING
         try:
             self.source.open()
         except SourceError:
@@ -111,7 +121,9 @@ class Pipeline:
             self._start_stages(max_frames)
         except BaseException:
             self._shutdown()
+            self.state = RunState.FINISHED
             raise
+        self.state = RunState.RUNNING
 
     def _load_main_engine(self, ctx: BuildContext) -> None:
         """Load `[engine]` before anything is created, so `on_failure = "stop"` refuses to start
@@ -212,12 +224,13 @@ class Pipeline:
                 on_tick(self)
                 next_tick += tick_s
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self) -> RunSummary:
         """Stop acquiring, archive every acquired frame, drain the rest; return the summary.
 
         The archive gets `archive.drain_timeout_s` to write what it holds; frames
         it could not write in that time are named in the summary (`not_archived`).
         """
+        self.state = RunState.STOPPING
         if self.acquisition is not None:
             self.acquisition.request_stop()
             self.acquisition.join()
@@ -228,19 +241,24 @@ class Pipeline:
             self._fail(f"the archive could not write {len(ids)} acquired frame(s) within "
                        f"archive.drain_timeout_s = {self.config.archive.drain_timeout_s:g} s; "
                        f"not on disk: frame ids {_id_ranges(ids)}")
+        self.state = RunState.FINISHED
         summary = self.summary()
         if self.run_dir is not None and self.run_dir.exists():
-            run_json = {"dimscope": __version__, "summary": summary,
-                        "config": json.loads(self.config.model_dump_json()),
-                        "engine": self.engine_name}
-            path = self.run_dir / "run.json"
+            run_json = {"dimscope": __version__, "engine": self.engine_name,
+                        "config": json.loads(self.config.model_dump_json())}
+            written: list[Path] = []
             try:
-                path.write_text(json.dumps(run_json, indent=2, default=str))
+                for name, text in (("summary.json", summary.model_dump_json(indent=2)),
+                                   ("run.json", json.dumps(run_json, indent=2, default=str))):
+                    (self.run_dir / name).write_text(text)
+                    written.append(self.run_dir / name)
             except OSError as exc:
                 # On a full disk the summary still reaches the terminal (and --summary-json).
-                log.error("could not write %s: %s", path, exc.strerror or exc)
-                path.unlink(missing_ok=True)
-                summary["run_json_error"] = f"{path}: {exc.strerror or exc}"
+                failed = self.run_dir / ("run.json" if len(written) else "summary.json")
+                log.error("could not write %s: %s", failed, exc.strerror or exc)
+                failed.unlink(missing_ok=True)
+                summary = summary.model_copy(
+                    update={"write_error": f"{failed}: {exc.strerror or exc}"})
         return summary
 
     def _shutdown(self) -> None:
@@ -270,54 +288,54 @@ class Pipeline:
         end = acq.stop_requested_mono if acq.stop_requested_mono is not None else time.monotonic()
         return max(end - acq.started_mono, 1e-9)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RunSummary:
         acq = self.acquisition
-        stages: dict[str, Any] = {}
+        stages: dict[str, StageStats] = {}
         if acq is not None:
-            stages["acquisition"] = acq.snapshot()
+            stages["acquisition"] = StageStats.model_validate(acq.snapshot())
         for s in self.stages:
-            stages[s.name] = s.snapshot()
+            stages[s.name] = StageStats.model_validate(s.snapshot())
         archive = self.stage("archive")
         engine = self.stage("engine")
-        latency: dict[str, Any] = {}
+        latency: dict[str, LatencyStats] = {}
         published = 0
         for s in self.stages:
             if isinstance(s, PublishStage):
-                latency[s.topic] = s.end_to_end.summary()
+                latency[s.topic] = LatencyStats(**s.end_to_end.summary())
                 published += s.counters.passed
         if engine is not None:
-            latency["engine"] = engine.latency.summary()
+            latency["engine"] = LatencyStats(**engine.latency.summary())
         interp = self.stage("interpolate")
         if interp is not None:
-            latency["interpolate"] = interp.latency.summary()
+            latency["interpolate"] = LatencyStats(**interp.latency.summary())
         acquired = acq.counters.received if acq is not None else 0
         elapsed = self.elapsed_s()
         # Frames the engine passed on raw (budget skips) are published but not enhanced.
         enhanced = (engine.counters.passed - getattr(engine, "skipped", 0)
                     if engine is not None else 0)
-        return {
-            "acquired": acquired,
-            "archived": archive.counters.passed if archive is not None else 0,
-            "not_archived": list(archive.abandoned_ids) if archive is not None else [],
-            "finish_reason": (str(acq.finish_reason) if acq is not None
-                              and acq.finish_reason is not None else None),
-            "enhanced": enhanced,
-            "published": published,
-            "dropped": {name: snap.get("dropped", 0) for name, snap in stages.items()},
-            "fps": acquired / elapsed if elapsed else 0.0,
-            "elapsed_s": elapsed,
-            "engine": self.engine_name,
-            "engine_info": _engine_info(self.engine_info),
-            "mda_planned": getattr(acq, "planned", None),
-            "engine_error": self.engine_error,
-            "node_errors": dict(self.node_errors),
-            "interpolate_error": self.interpolate_error,
-            "budget": _budget(engine),
-            "source": self.source.name,
-            "run_dir": str(self.run_dir) if self.run_dir else None,
-            "archive_files": [str(p) for p in getattr(archive, "files", [])],
-            "publish_address": self.config.publish.address,
-            "stages": stages,
-            "latency_ms": latency,
-            "error": self.error,
-        }
+        return RunSummary(
+            state=self.state,
+            acquired=acquired,
+            archived=archive.counters.passed if archive is not None else 0,
+            not_archived=list(archive.abandoned_ids) if archive is not None else [],
+            finish_reason=acq.finish_reason if acq is not None else None,
+            enhanced=enhanced,
+            published=published,
+            dropped={name: snap.dropped for name, snap in stages.items()},
+            fps=acquired / elapsed if elapsed else 0.0,
+            elapsed_s=elapsed,
+            engine=self.engine_name,
+            engine_info=_engine_report(self.engine_info),
+            mda_planned=getattr(acq, "planned", None),
+            engine_error=self.engine_error,
+            node_errors=dict(self.node_errors),
+            interpolate_error=self.interpolate_error,
+            budget=_budget(engine),
+            source=self.source.name,
+            run_dir=str(self.run_dir) if self.run_dir else None,
+            archive_files=[str(p) for p in getattr(archive, "files", [])],
+            publish_address=self.config.publish.address,
+            stages=stages,
+            latency_ms=latency,
+            error=self.error,
+        )

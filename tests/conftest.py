@@ -37,7 +37,7 @@ def run_and_record(cfg: Config, seconds: float, topics: list[str], **pipeline_kw
     pipeline.start()
     recorder = Recorder(pipeline.publish_endpoint or "", topics)
     pipeline.wait(duration_s=seconds)
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     return summary, recorder.close()
 
 

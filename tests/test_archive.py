@@ -151,7 +151,7 @@ def test_archive_falling_behind_stops_acquisition_with_a_specific_error(
     pipeline = Pipeline(cfg)
     pipeline.start()
     pipeline.wait(duration_s=20)
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     assert summary["error"] is not None
     assert "could not be archived" in summary["error"] and "queue is full" in summary["error"]
     # No data already acquired is lost: everything accepted before the stop is on disk.
@@ -174,7 +174,7 @@ cfg = parse_config({"source": {"kind": "sim", "width": 128, "height": 96, "expos
 p = Pipeline(cfg)
 p.start(max_frames=200)
 p.wait(duration_s=30)
-print(json.dumps(p.stop()))
+print(p.stop().model_dump_json())
 """
 
 

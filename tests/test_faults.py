@@ -444,7 +444,7 @@ def test_subscriber_gets_the_tail_of_the_stream_when_the_run_ends(tmp_path: Path
         pipeline = Pipeline(cfg)
         pipeline.start(max_frames=100)
         pipeline.wait()
-        summary = pipeline.stop()
+        summary = pipeline.stop().to_dict()
         assert summary["stages"]["publish_raw"]["passed"] == 100
         received = [msg.header["frame_id"] for msg in viewer.frames(timeout_s=3)]
     # The first frames may precede the subscription (ZeroMQ's slow joiner); after the first

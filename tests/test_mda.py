@@ -26,7 +26,7 @@ def test_mda_time_lapse_archives_every_planned_frame_with_its_indices(tmp_path: 
     pipeline = Pipeline(cfg, mda=seq)
     pipeline.start()
     pipeline.wait(duration_s=60)
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     assert summary["error"] is None
     assert summary["mda_planned"] == 15 == summary["acquired"] == summary["archived"]
     entries, torn = read_index(Path(summary["run_dir"]))

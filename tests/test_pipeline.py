@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ def test_sim_run_publishes_raw_and_enhanced_and_archives_everything(tmp_path: Pa
     worker = threading.Thread(target=_collect, args=(sub, stop, received))
     worker.start()
     pipeline.wait(duration_s=2.0)
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     time.sleep(0.3)
     stop.set()
     worker.join()
@@ -93,7 +94,7 @@ def test_stopped_subscriber_does_not_reduce_archived_frames(tmp_path: Path) -> N
     stuck.setsockopt(zmq.SUBSCRIBE, b"")
     stuck.connect(pipeline.publish_endpoint or "")
     pipeline.wait()
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     stuck.close(0)
     assert summary["error"] is None
     assert summary["acquired"] == 300
@@ -102,15 +103,26 @@ def test_stopped_subscriber_does_not_reduce_archived_frames(tmp_path: Path) -> N
 
 
 def test_frame_limit_gives_exactly_that_many_frames(tmp_path: Path) -> None:
+    from dimscope.daemon.acquisition import FinishReason
+    from dimscope.daemon.summary import RunState, RunSummary
+
     pipeline = Pipeline(make_config(tmp_path))
+    assert pipeline.state is RunState.IDLE
     pipeline.start(max_frames=25)
+    assert pipeline.state is RunState.RUNNING
     pipeline.wait()
     summary = pipeline.stop()
-    assert (summary["acquired"], summary["archived"]) == (25, 25)
-    stages = summary["stages"]
-    engine = stages["engine"]
+    assert summary.state is RunState.FINISHED
+    assert summary.finish_reason is FinishReason.FRAME_LIMIT
+    assert (summary.acquired, summary.archived) == (25, 25)
+    engine = summary.stages["engine"]
     # Nothing vanishes: every frame offered to the engine was processed or counted dropped.
-    assert engine["received"] == engine["passed"] + engine["dropped"] + engine["errors"]
+    assert engine.received == engine.passed + engine.dropped + engine.errors
+    # The run folder holds the same summary, typed, and the config.
+    run_dir = Path(str(summary.run_dir))
+    on_disk = RunSummary.model_validate_json((run_dir / "summary.json").read_text())
+    assert on_disk == summary
+    assert "config" in json.loads((run_dir / "run.json").read_text())
 
 
 class BrokenEngine:
@@ -147,7 +159,7 @@ def test_failing_engine_never_costs_raw_frames(tmp_path: Path, broken_engine: st
     pipeline = Pipeline(make_config(tmp_path, engine={"name": broken_engine}))
     pipeline.start(max_frames=60)
     pipeline.wait()
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     # Enhancement is out of service, loudly; acquisition and the archive are not affected.
     assert summary["error"] is None
     assert summary["acquired"] == summary["archived"] == 60

@@ -28,7 +28,7 @@ def test_democam_cfg_runs_end_to_end(tmp_path: Path) -> None:
     pipeline.start(max_frames=40)
     assert pipeline.source.core.getLoadedDevices()  # the real C++ adapters are loaded
     pipeline.wait()
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     assert summary["error"] is None, summary["error"]
     assert summary["acquired"] == summary["archived"] == 40
     assert summary["source"] == "mm:MMConfig_demo.cfg"
@@ -61,7 +61,7 @@ def test_replay_reproduces_the_recording(tmp_path: Path) -> None:
     pipeline = Pipeline(cfg)
     pipeline.start(max_frames=30)  # wraps around the 12-frame recording
     pipeline.wait()
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     assert summary["archived"] == 30
     run_dir = Path(summary["run_dir"])
     records, _ = read_index(run_dir)
@@ -78,7 +78,7 @@ def test_replay_of_real_timelapse_renoised(tmp_path: Path, shared_data: Path) ->
     pipeline = Pipeline(cfg)
     pipeline.start(max_frames=10)
     pipeline.wait()
-    summary = pipeline.stop()
+    summary = pipeline.stop().to_dict()
     assert summary["archived"] == 10
     records, _ = read_index(Path(summary["run_dir"]))
     truth = tifffile.imread(path)

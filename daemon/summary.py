@@ -1,0 +1,105 @@
+"""What a run reports: typed models, serialised to `summary.json` and printed from the same
+object (pymmcore-plus `_runner.py` style: a run state and a finish reason, not strings)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .acquisition import FinishReason
+
+
+class RunState(enum.StrEnum):
+    IDLE = "idle"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatencyStats(_Report):
+    """Milliseconds over the last frames (a sliding window); n = 0 when none yet."""
+
+    n: int = 0
+    p50: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+
+class StageStats(_Report):
+    """One node's counters (see `daemon/stage.py`), plus the engine's budget state."""
+
+    received: int = 0
+    passed: int = 0
+    dropped: int = 0
+    late: int = 0
+    errors: int = 0
+    depth: int = 0
+    max_depth: int = 0
+    capacity: int = 0
+    latency_ms: LatencyStats = LatencyStats()
+    error: str | None = None
+    budget_ms: float | None = None
+    tier: int | None = None
+    tier_name: str | None = None
+    tier_changes: int | None = None
+    skipped: int | None = None
+
+
+class EngineReport(_Report):
+    name: str
+    version: str
+    runtime: str
+    precision: str
+    scale: int
+
+
+class BudgetReport(_Report):
+    budget_ms: float
+    tier: int
+    tier_name: str
+    tier_changes: int
+    skipped: int
+    missed: int
+
+
+class RunSummary(_Report):
+    state: RunState
+    acquired: int
+    archived: int
+    #: acquired frames the archive could not write before its drain timed out
+    not_archived: list[int]
+    finish_reason: FinishReason | None
+    #: frames the engine really enhanced (not budget skips passed on raw)
+    enhanced: int
+    published: int
+    dropped: dict[str, int]
+    fps: float
+    elapsed_s: float
+    engine: str
+    engine_info: EngineReport | None
+    mda_planned: int | None
+    engine_error: str | None
+    #: extra graph nodes that are not running, and why
+    node_errors: dict[str, str]
+    interpolate_error: str | None
+    budget: BudgetReport | None
+    source: str
+    run_dir: str | None
+    archive_files: list[str]
+    publish_address: str
+    stages: dict[str, StageStats]
+    latency_ms: dict[str, LatencyStats]
+    error: str | None
+    #: set when summary.json / run.json could not be written (a full disk)
+    write_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (what `summary.json` and `--summary-json` hold)."""
+        return self.model_dump(mode="json")
