@@ -10,7 +10,8 @@ closed with its OME-XML (what a run's stop does). Both write to the same folder
 
 Prints frames/s and MB/s of both and the ratio (target >= 0.8), for 512² and
 2048² uint16 frames; the order of the two alternates between repeats so that
-page-cache state does not favour one.
+page-cache state does not favour one, and every run starts after `sync` (no dirty pages
+of the previous run left to throttle it).
 
     python bench/archive.py [--frames 2000] [--repeats 3] [--dir DIR]
 """
@@ -18,6 +19,7 @@ page-cache state does not favour one.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -70,8 +72,8 @@ def archive_stage(folder: Path, frames: list[Frame]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=2000, help="frames per case at 512²")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--frames", type=int, default=1000, help="frames per case at 512²")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: /tmp)")
     args = ap.parse_args()
     worst = float("inf")
@@ -84,6 +86,9 @@ def main() -> int:
         for r in range(args.repeats):
             for name in (("tifffile", "archive") if r % 2 == 0 else ("archive", "tifffile")):
                 folder = Path(tempfile.mkdtemp(prefix="dimscope-bench-", dir=args.dir))
+                # Start each run with no dirty pages of the previous one: the kernel's
+                # writeback throttling would otherwise land on whichever runs next.
+                os.sync()
                 try:
                     if name == "tifffile":
                         base_s.append(tifffile_alone(folder, frames))

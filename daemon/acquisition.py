@@ -1,8 +1,11 @@
 """Acquisition: pop every frame from the core and hand it to the archive and the rest.
 
-The archive must accept every frame (its queue has the FAIL policy); if it
-cannot, acquisition stops with `AcquisitionError`. Other consumers drop by
-their own policies and never slow this loop down.
+The archive must accept every frame (its queue has the FAIL policy). When its
+queue is full the loop waits (`archive.backpressure_s`) while new frames wait
+in the camera's own buffer; if there is still no room, acquisition stops with
+`AcquisitionError`. A frame lost in the camera's buffer meanwhile stops the run
+too, with the count (ImageNumber gap). Other consumers drop by their own
+policies and never slow this loop down.
 """
 
 from __future__ import annotations
@@ -55,9 +58,12 @@ class Acquisition:
 
     def __init__(self, source: Any, archive: Stage, consumers: list[Stage], *,
                  poll_sleep_s: float, max_frames: int | None = None,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None,
+                 archive_wait_s: float = 0.0) -> None:
         self.source = source
         self.archive = archive
+        #: how long to wait for room in the archive's queue (the camera buffers meanwhile)
+        self.archive_wait_s = archive_wait_s
         self.consumers = consumers
         self.poll_sleep_s = poll_sleep_s
         self.max_frames = max_frames
@@ -71,6 +77,8 @@ class Acquisition:
         self.started_mono: float | None = None  # when the camera sequence started
         self.stop_requested_mono: float | None = None
         self.finish_reason: FinishReason | None = None
+        #: frames still in the camera's buffer when an error stopped acquisition
+        self.left_in_camera = 0
         self._pixel_size_um = 1.0
 
     def start(self) -> None:
@@ -119,6 +127,8 @@ class Acquisition:
                 # Frames the camera delivered before the stop are raw data too.
                 if self.error is None:
                     self._drain(core)
+                else:  # not archived after an error: counted, so the summary can say so
+                    self.left_in_camera = int(core.getRemainingImageCount())
             except BaseException as exc:
                 if self.error is None:
                     self.error = exc
@@ -191,7 +201,7 @@ class Acquisition:
         )
         self.counters.received += 1
         try:
-            self.archive.offer(frame)
+            self.archive.offer(frame, wait_s=self.archive_wait_s)
         except (QueueFullError, StageFailedError) as exc:
             raise AcquisitionError(f"raw frame {frame.frame_id} could not be archived: {exc}"
                                    ) from exc

@@ -23,8 +23,11 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 from array import array
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -133,6 +136,81 @@ class _OpenFile:
     planes: PlaneLog = field(default_factory=PlaneLog)
 
 
+class _IndexWriter:
+    """Appends index lines on its own thread: checksum, JSON and the write happen beside
+    the pixel writes (which release the GIL), not between them. A line is queued only after
+    its pixels reached the OS, and lines are flushed every `flush_every_s` and whenever the
+    queue runs dry — so the index never names pixels that are not in the file, and lags
+    them by at most that long."""
+
+    def __init__(self, path: Path, on_indexed: Callable[[int], None],
+                 flush_every_s: float = 0.02) -> None:
+        self._fh: IO[str] = path.open("a", encoding="utf-8")
+        self._on_indexed = on_indexed
+        self._flush_every_s = flush_every_s
+        self._pending: deque[tuple[Frame, dict[str, Any]]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._sync_due = False
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="dimscope-archive-index",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, frame: Frame, record: dict[str, Any]) -> None:
+        if self.error is not None:
+            raise self.error
+        with self._cond:
+            self._pending.append((frame, record))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing and not self._sync_due:
+                    self._cond.wait(0.5)
+                item = self._pending.popleft() if self._pending else None
+                drained = not self._pending
+                sync, self._sync_due = self._sync_due, False
+                if item is None and not sync:
+                    return  # closing, and nothing left
+            try:
+                if item is not None:
+                    frame, record = item
+                    record["xxh3"] = pixel_checksum(frame.pixels)
+                    self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+                now = time.monotonic()
+                if sync or drained or now - last_flush >= self._flush_every_s:
+                    self._fh.flush()
+                    last_flush = now
+                if sync:
+                    os.fsync(self._fh.fileno())
+            except OSError as exc:
+                self.error = exc
+                log.error("raw archive: writing the index failed: %s", exc)
+                return
+            if item is not None:
+                self._on_indexed(1)
+
+    def fsync(self) -> None:
+        """Ask for the index to be flushed and fsynced (done on the index thread)."""
+        with self._cond:
+            self._sync_due = True
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Write every queued line, then close."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        try:
+            self._fh.flush()
+        finally:
+            self._fh.close()
+
+
 class RawArchive(Stage):
     """Sink stage with the FAIL policy: a full queue stops acquisition, never drops."""
 
@@ -146,13 +224,16 @@ class RawArchive(Stage):
         self.files: list[Path] = []
         self.bytes_written = 0
         self._file: _OpenFile | None = None
-        self._index: IO[str] | None = None
+        self._index: _IndexWriter | None = None
         self._t0_ns: int | None = None
         self._last_sync = time.monotonic()
 
     def setup(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._index = (self.run_dir / INDEX_NAME).open("a", encoding="utf-8")
+        self._index = _IndexWriter(self.run_dir / INDEX_NAME, self._indexed)
+
+    def _indexed(self, n: int) -> None:
+        self.counters.passed += n  # archived = pixels in the file and named by the index
 
     def _open_next(self, frame: Frame) -> _OpenFile:
         path = self.run_dir / f"raw_{len(self.files):03d}.ome.tif"
@@ -191,8 +272,8 @@ class RawArchive(Stage):
             f = self._file = self._open_next(frame)
         if self._t0_ns is None:
             self._t0_ns = frame.acquired_unix_ns
-        f.writer.write(frame.pixels, contiguous=True, metadata={}, software="dimscope")
         fh = f.writer.filehandle
+        f.writer.write(frame.pixels, contiguous=True, metadata={}, software="dimscope")
         fh.flush()  # pixels reach the OS before the index says they exist
         offset = fh.tell() - nbytes
         plane = {"delta_t_s": (frame.acquired_unix_ns - self._t0_ns) / 1e9,
@@ -202,21 +283,18 @@ class RawArchive(Stage):
             "schema": INDEX_SCHEMA, "frame_id": frame.frame_id, "file": f.path.name,
             "plane": len(f.planes) - 1, "offset": offset, "nbytes": nbytes,
             "shape": list(frame.shape), "dtype": frame.dtype.str,
-            "xxh3": pixel_checksum(frame.pixels),
             "acquired_unix_ns": frame.acquired_unix_ns, **plane,
             "pixel_size_um": frame.pixel_size_um, "source": frame.source,
             "mda_index": dict(frame.mda_index), "metadata": dict(frame.metadata),
         }
         assert self._index is not None
-        self._index.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._index.flush()
+        self._index.put(frame, record)  # checksum and line written on the index thread
         self.bytes_written += nbytes
         now = time.monotonic()
         if self.fsync_every_s and now - self._last_sync >= self.fsync_every_s:
             os.fsync(fh.fileno())
-            os.fsync(self._index.fileno())
+            self._index.fsync()
             self._last_sync = now
-        self.counters.passed += 1
 
     def teardown(self) -> None:
         try:
@@ -225,7 +303,13 @@ class RawArchive(Stage):
             log.error("raw archive: finishing %s failed (%s); run `dimscope recover %s`",
                       self.files[-1] if self.files else self.run_dir, exc, self.run_dir)
         if self._index is not None:
-            self._index.close()
+            try:
+                self._index.close()
+            except OSError as exc:
+                log.error("raw archive: finishing the index failed (%s)", exc)
+            if self._index.error is not None and self.error is None:
+                self.error = ArchiveError(f"raw archive: writing {INDEX_NAME} failed: "
+                                          f"{self._index.error}")
             self._index = None
 
 

@@ -52,6 +52,10 @@ class ArchiveConfig(StrictModel):
         512, ge=1, description="frames the writer may lag before acquisition stops")
     fsync_every_s: float = Field(
         2.0, ge=0, description="fsync data+index this often (0 = never; SIGKILL-safe anyway)")
+    backpressure_s: float = Field(
+        10.0, ge=0, description="when the writer's queue is full, how long acquisition "
+        "waits for room (frames wait in the camera's buffer meanwhile) before the run stops "
+        "with an error; 0 = stop at once")
     drain_timeout_s: float = Field(
         90.0, gt=0, description="on stop, time the writer gets to archive every frame "
         "already acquired; frames still queued after it are named in the summary. Keep it "

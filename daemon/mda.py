@@ -110,7 +110,7 @@ class MDAAcquisition(Acquisition):
         )
         self.counters.received += 1
         try:
-            self.archive.offer(frame)
+            self.archive.offer(frame, wait_s=self.archive_wait_s)
         except (QueueFullError, StageFailedError) as exc:
             self.error = AcquisitionError(f"raw frame {frame.frame_id} (MDA {index}) could not "
                                           f"be archived: {exc}")

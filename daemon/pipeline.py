@@ -178,12 +178,14 @@ class Pipeline:
         consumers = [s for s in graph.roots if s is not archive]
         if self.mda_sequence is not None:
             self.acquisition = MDAAcquisition(self.source, archive, consumers, self.mda_sequence,
-                                              on_error=self._acquisition_failed)
+                                              on_error=self._acquisition_failed,
+                                              archive_wait_s=cfg.archive.backpressure_s)
         else:
             self.acquisition = Acquisition(self.source, archive, consumers,
                                            poll_sleep_s=cfg.acquisition.poll_sleep_ms / 1000.0,
                                            max_frames=max_frames,
-                                           on_error=self._acquisition_failed)
+                                           on_error=self._acquisition_failed,
+                                           archive_wait_s=cfg.archive.backpressure_s)
         self.acquisition.start()
 
     def _stage_failed(self, stage: Stage, exc: BaseException) -> None:
@@ -235,6 +237,10 @@ class Pipeline:
             self.acquisition.request_stop()
             self.acquisition.join()
         self._shutdown()
+        left = self.acquisition.left_in_camera if self.acquisition is not None else 0
+        if left and self.error is not None:
+            self.error += (f"; {left} frame(s) the camera had delivered were still in its "
+                           "buffer and were not archived")
         archive = self.stage("archive")
         if archive is not None and archive.abandoned_ids:
             ids = archive.abandoned_ids

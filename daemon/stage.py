@@ -68,21 +68,33 @@ class Stage:
         self._on_error.append(callback)
 
     # -- producer side (called from upstream threads) -------------------------
-    def offer(self, frame: Frame) -> None:
-        """Enqueue a frame by this stage's policy. Never blocks."""
+    def offer(self, frame: Frame, wait_s: float = 0.0) -> None:
+        """Enqueue a frame by this stage's policy.
+
+        DROP_OLDEST never blocks. FAIL waits up to `wait_s` for room (backpressure:
+        the producer, not this queue, holds the frame meanwhile), then raises
+        `QueueFullError`.
+        """
         with self._cond:
             if self.error is not None:
                 # Counted, so a frame refused by a dead stage is never a silent loss.
                 self.counters.received += 1
                 self.counters.dropped += 1
                 raise StageFailedError(f"stage {self.name!r} has failed: {self.error}")
+            if self.policy is OverflowPolicy.FAIL and len(self._queue) >= self.capacity:
+                deadline = time.monotonic() + wait_s
+                while (len(self._queue) >= self.capacity and self.error is None
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cond.wait(left)
+                if self.error is not None:
+                    raise StageFailedError(f"stage {self.name!r} has failed: {self.error}")
             self.counters.received += 1
             if len(self._queue) >= self.capacity:
                 if self.policy is OverflowPolicy.FAIL:
                     self.counters.received -= 1  # not accepted
                     raise QueueFullError(
-                        f"stage {self.name!r} queue is full ({self.capacity} frames): "
-                        "it cannot keep up with acquisition"
+                        f"stage {self.name!r} queue is full ({self.capacity} frames) and "
+                        f"stayed full for {wait_s:g} s: it cannot keep up with acquisition"
                     )
                 self._queue.popleft()
                 self.counters.dropped += 1
@@ -154,7 +166,10 @@ class Stage:
                 if self._closing or self._abandoned:
                     return None
                 self._cond.wait(0.5)
-            return self._queue.popleft()
+            frame = self._queue.popleft()
+            if self.policy is OverflowPolicy.FAIL:
+                self._cond.notify_all()  # a producer may be waiting for room
+            return frame
 
     def _run(self) -> None:
         while (frame := self._next()) is not None:
@@ -173,6 +188,7 @@ class Stage:
             # Frames still queued are counted as dropped: nothing vanishes silently.
             self.counters.dropped += len(self._queue)
             self._queue.clear()
+            self._cond.notify_all()  # a producer waiting for room must hear of it
         log.error("stage %s failed: %s", self.name, exc)
         for callback in self._on_error:
             callback(self, exc)

@@ -436,7 +436,8 @@ def test_subscriber_gets_the_tail_of_the_stream_when_the_run_ends(tmp_path: Path
 
     address = free_tcp_address()
     cfg = make_config(tmp_path, source={"kind": "sim", "width": 256, "height": 256,
-                                        "exposure_ms": 2.0}, engine={"name": "identity"},
+                                        "exposure_ms": 4.0}, engine={"name": "identity"},
+                      acquisition={"raw_queue_frames": 256},  # the stage queue drops nothing
                       publish={"address": address, "send_hwm": 1000, "enhanced": False})
     # A viewer that takes nothing during the run: 12 MB of frames back up in the publisher.
     with Subscriber(address, topics=["raw"], rcv_hwm=2) as viewer:
