@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .frame import Frame, freeze
+from .frame import Frame, freeze, pixel_checksum
 from .metrics import StageCounters
 from .stage import QueueFullError, Stage, StageFailedError
 
@@ -194,8 +194,10 @@ class Acquisition:
             exposure = float("nan")
         if exposure != exposure:  # NaN: camera did not tag it
             exposure = float(core.getExposure())
+        frozen = freeze(pixels)
         frame = Frame(
-            frame_id=self.counters.received, pixels=freeze(pixels), acquired_unix_ns=unix,
+            frame_id=self.counters.received, pixels=frozen, acquired_unix_ns=unix,
+            checksum=pixel_checksum(frozen),
             exposure_ms=exposure, pixel_size_um=self._pixel_size_um,
             source=self.source.name, metadata=meta, marks=(("acquired", mono),),
         )

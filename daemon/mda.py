@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .acquisition import Acquisition, AcquisitionError
-from .frame import Frame, freeze
+from .frame import Frame, freeze, pixel_checksum
 from .stage import QueueFullError, Stage, StageFailedError
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ class MDAAcquisition(Acquisition):
         mono, unix = time.monotonic_ns(), time.time_ns()
         index = {str(getattr(k, "value", k)): int(v) for k, v in event.index.items()}
         exposure = event.exposure if event.exposure is not None else self.source.core.getExposure()
+        pixels = freeze(np.array(image))
         frame = Frame(
-            frame_id=self.counters.received, pixels=freeze(np.array(image)),
+            frame_id=self.counters.received, pixels=pixels, checksum=pixel_checksum(pixels),
             acquired_unix_ns=unix, exposure_ms=float(exposure),
             pixel_size_um=self._pixel_size_um, source=self.source.name,
             metadata={str(k): str(v) for k, v in (meta or {}).items()
