@@ -15,12 +15,10 @@ class LatencyWindow:
     def __init__(self, size: int = 2000) -> None:
         self._values: deque[float] = deque(maxlen=size)
         self._lock = threading.Lock()
-        self.count = 0
 
     def add(self, ms: float) -> None:
         with self._lock:
             self._values.append(ms)
-            self.count += 1
 
     def summary(self) -> dict[str, float]:
         with self._lock:
@@ -34,7 +32,9 @@ class LatencyWindow:
 
 @dataclass
 class StageCounters:
-    """Per-stage counters. Each field has a single writer thread, so no lock is needed.
+    """Per-stage counters, written under the stage's queue lock where more than one thread
+    writes them (`received` and `dropped`: the producer in `offer`, the worker for sends
+    that fail), and read under it (`Stage.snapshot`), so a snapshot always adds up.
 
     received: frames offered to the stage; passed: frames it handed on (or
     stored, for a sink); dropped: frames it discarded by its stated policy;

@@ -161,9 +161,9 @@ class PairSampler:
         return (x,), y
 
 
-def collect_stacks(sources: list[str], keep: slice) -> list[np.ndarray]:
-    """Time-lapses (T, Y, X) from TIFF files/folders, each frame in 0..1; `keep` selects frames
-    (training uses the first two thirds of each movie, evaluation the rest)."""
+def collect_stacks(sources: list[str]) -> list[np.ndarray]:
+    """Time-lapses (T, Y, X) from TIFF files/folders, each frame in 0..1 (training takes the
+    first two thirds of each movie, evaluation the rest)."""
     files: list[Path] = []
     for s in sources:
         p = Path(s).expanduser()
@@ -175,15 +175,9 @@ def collect_stacks(sources: list[str], keep: slice) -> list[np.ndarray]:
         data = np.asarray(tifffile.imread(f), dtype=np.float32)
         if data.ndim != 3 or data.shape[0] < 5:
             continue
-        t = data.shape[0]
-        data = data[keep.indices(t)[0]:keep.indices(t)[1]] if keep != slice(None) else data
         lo, hi = np.percentile(data, [0.1, 99.9])
         stacks.append(np.clip((data - lo) / max(float(hi - lo), 1e-6), 0, 1.5))
     return stacks
-
-
-def train_frames(t: int) -> slice:
-    return slice(0, (2 * t) // 3)
 
 
 class TripletSampler:
@@ -191,8 +185,7 @@ class TripletSampler:
 
     def __init__(self, settings: TrainSettings, rng: np.random.Generator) -> None:
         self.s, self.rng = settings, rng
-        self.stacks = [st[: (2 * len(st)) // 3] for st in collect_stacks(settings.data,
-                                                                         slice(None))]
+        self.stacks = [st[: (2 * len(st)) // 3] for st in collect_stacks(settings.data)]
         self.stacks = [st for st in self.stacks if min(st.shape[1:]) >= settings.patch]
         self.sim_fraction = settings.sim_fraction if self.stacks else 1.0
         self._specimens: list[Any] = []
@@ -298,7 +291,7 @@ def interp_validation(settings: TrainSettings, n: int = 8
                       ) -> list[tuple[np.ndarray, np.ndarray, float, np.ndarray]]:
     """Held-out triplets: the last third of each real movie (else simulated movies)."""
     out = []
-    stacks = [st[(2 * len(st)) // 3:] for st in collect_stacks(settings.data, slice(None))]
+    stacks = [st[(2 * len(st)) // 3:] for st in collect_stacks(settings.data)]
     for st in stacks:
         for i in range(0, len(st) - 2, 2)[: max(1, n // max(len(stacks), 1))]:
             h, w = (s - s % 4 for s in st.shape[1:])
