@@ -16,8 +16,8 @@ from pathlib import Path
 
 from quality import real_pairs, simulated  # type: ignore[import-not-found]
 
-from dimscope.engines.evaluate import evaluate, model_method
-from dimscope.engines.train import TrainSettings, train
+from dimscope.engines.evaluation.evaluate import evaluate, model_method
+from dimscope.engines.training.train import TrainSettings, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,10 +26,10 @@ from dimscope.drivers.camera_noise import CameraNoise
 from dimscope.drivers.specimen import Specimen
 from dimscope.engines import CameraCalibration, make_engine
 from dimscope.engines import normalize as norm
+from dimscope.engines.evaluation.quality import score
 from dimscope.engines.model_file import read_card
-from dimscope.engines.quality import score
 from dimscope.engines.runtime import gpu_present
-from dimscope.engines.runtime_torch import network_from_file
+from dimscope.engines.runtime.pytorch import network_from_file
 
 
 def sim_frame(size: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +100,7 @@ def main() -> None:
 
 
 def gpu_bench(name: str, path, card, sizes: list[int]) -> None:  # type: ignore[no-untyped-def]
-    from dimscope.engines.runtime_torch import CudaRuntime
+    from dimscope.engines.runtime.pytorch import CudaRuntime
 
     net = network_from_file(path, card).cuda()
     for size in sizes:

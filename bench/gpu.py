@@ -54,7 +54,7 @@ def _row(name: str, ms: np.ndarray, fps: float | None = None) -> dict[str, float
 def bench_case(model: str, side: int, frames: int) -> list[dict[str, float | str]]:
     import torch
 
-    from dimscope.engines.runtime_torch import network_from_file
+    from dimscope.engines.runtime.pytorch import network_from_file
 
     path = resolve_model(model)
     card = read_card(path)

@@ -5,9 +5,9 @@ Regenerates `results/interp.md` and `results/interp.json` (one command):
     python bench/interp_quality.py [--data ../shared/data]
 
 Only the last third of each movie is scored: `dimscope train interp` trains on
-the first two thirds (engines/train.py), so these frames were never seen.
+the first two thirds (engines/training/train.py), so these frames were never seen.
 Methods: frame repetition, linear blending, the shipped `interp` model.
-Metrics as in engines/quality.py. Not a test.
+Metrics as in engines/evaluation/quality.py. Not a test.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dimscope.engines.evaluate import read_stack, run_eval_interp
+from dimscope.engines.evaluation.evaluate import read_stack, run_eval_interp
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ the other, through the whole pipeline (MDA runner, archive, engines, ZeroMQ):
   - configs/lowdose.toml: 10 ms exposure, a frame every 0.2 s = 1/8 of the light,
     restored by `denoise` and interpolated ×2 by `interp` back to 0.1 s.
 Every frame is compared with the noiseless truth of the specimen at its
-(acquisition or synthetic) time; metrics as in engines/quality.py. Not a test.
+(acquisition or synthetic) time; metrics as in engines/evaluation/quality.py. Not a test.
 
     python bench/lowdose.py [--out results/lowdose.json]
 """
@@ -25,7 +25,7 @@ from dimscope.daemon.archive import read_frame, read_index
 from dimscope.daemon.client import Recorder
 from dimscope.daemon.config import load_config
 from dimscope.daemon.pipeline import Pipeline
-from dimscope.engines.quality import score
+from dimscope.engines.evaluation.quality import score
 
 REPO = Path(__file__).resolve().parents[1]
 

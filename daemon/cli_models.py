@@ -24,7 +24,7 @@ def _missing_extra(extra: str, *modules: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     if _missing_extra("train", "torch"):
         return EXIT_BAD_INPUT
-    from dimscope.engines.train import TrainSettings, train
+    from dimscope.engines.training.train import TrainSettings, train
 
     hparams: dict[str, Any] = {}
     if args.channels:
@@ -93,12 +93,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if _missing_extra("eval", "skimage", *(["PIL"] if args.montage else [])):
         return EXIT_BAD_INPUT
     from dimscope.engines import EngineError
-    from dimscope.engines.evaluate import format_table, run_eval
+    from dimscope.engines.evaluation.evaluate import format_table, run_eval
 
     models = args.model or [args.task]
     try:
         if args.task == "interp":
-            from dimscope.engines.evaluate import read_stack, run_eval_interp
+            from dimscope.engines.evaluation.evaluate import read_stack, run_eval_interp
 
             if args.stack is None:
                 raise ValueError("eval interp needs --stack T.tif (a time-lapse)")

@@ -126,7 +126,7 @@ def test_eval_rejects_mismatched_pairs(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_eval_sr2_and_interp_write_the_same_json_shape(tmp_path: Path, sr_model: Path) -> None:
     from dimscope.drivers.specimen import Specimen
-    from dimscope.engines.crappify import bin_mean
+    from dimscope.engines.training.crappify import bin_mean
 
     spec = Specimen(48, 48, seed=9, n_tubules=10, n_puncta=10)
     fine = [spec.render(spec.state_at(t, 1.0), 2) * 50 for t in (0.0, 1.0, 2.0, 3.0, 4.0)]

@@ -12,16 +12,16 @@ import torch
 from dimscope.drivers.camera_noise import CameraNoise
 from dimscope.drivers.specimen import Specimen
 from dimscope.engines import CameraCalibration, EngineError, make_engine
-from dimscope.engines.crappify import PhysicalCrappifier, PSSRCrappifier
-from dimscope.engines.export import export_onnx
+from dimscope.engines.evaluation.quality import score
 from dimscope.engines.model_engine import ModelEngine
 from dimscope.engines.model_file import ModelCard, read_card, shipped_models
 from dimscope.engines.nets import build_network, multiple_of
-from dimscope.engines.plan_cache import load_plan, plan_key, store_plan
-from dimscope.engines.quality import score
 from dimscope.engines.runtime import open_runtime
-from dimscope.engines.runtime_torch import network_from_file
+from dimscope.engines.runtime.plan_cache import load_plan, plan_key, store_plan
+from dimscope.engines.runtime.pytorch import network_from_file
 from dimscope.engines.tiling import input_shape, run_tiled, tile_geometry
+from dimscope.engines.training.crappify import PhysicalCrappifier, PSSRCrappifier
+from dimscope.engines.training.export import export_onnx
 
 
 def _export_fresh(path: Path, scale: int = 1, channels: int = 8, levels: int = 2,
@@ -96,7 +96,7 @@ def test_openvino_precision_is_read_from_its_type_objects() -> None:
     """OpenVINO reports precision as `ov.Type` (`<Type: 'bfloat16'>`), older releases as text."""
     import openvino as ov
 
-    from dimscope.engines.runtime_openvino import precision_name
+    from dimscope.engines.runtime.openvino_cpu import precision_name
 
     assert precision_name(ov.Type.bf16) == "bf16"
     assert precision_name("<Type: 'bfloat16'>") == "bf16"

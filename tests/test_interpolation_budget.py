@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from dimscope.daemon.archive import read_index
-from dimscope.engines.export import export_onnx
 from dimscope.engines.interpolators import make_interpolator
 from dimscope.engines.model_file import ModelCard, read_card
 from dimscope.engines.nets import build_network
 from dimscope.engines.runtime import open_runtime
+from dimscope.engines.training.export import export_onnx
 
 from .conftest import make_config, run_and_record
 
@@ -116,7 +116,7 @@ def test_missing_interpolation_model_runs_without_interpolation(tmp_path: Path) 
 
 def test_shipped_interp_model_beats_linear_blending_on_held_out_motion() -> None:
     from dimscope.drivers.specimen import Specimen
-    from dimscope.engines.quality import score
+    from dimscope.engines.evaluation.quality import score
 
     spec = Specimen(128, 128, seed=2024, n_tubules=15, n_puncta=40, drift_px_per_s=3.0,
                     punctum_speed_px_per_s=10.0)

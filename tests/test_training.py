@@ -13,8 +13,8 @@ from scipy.ndimage import gaussian_filter
 
 from dimscope.daemon.cli import main
 from dimscope.engines.model_file import read_card
-from dimscope.engines.runtime_torch import network_from_file
-from dimscope.engines.train import TrainSettings, train
+from dimscope.engines.runtime.pytorch import network_from_file
+from dimscope.engines.training.train import TrainSettings, train
 
 
 @pytest.fixture

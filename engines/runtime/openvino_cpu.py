@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from .base import EngineError
-from .model_file import ModelCard, input_shapes
+from ..base import EngineError
+from ..model_file import ModelCard, input_shapes
 
 _PRECISIONS = {"auto": None, "fp32": "f32", "bf16": "bf16"}
 

@@ -21,9 +21,9 @@ import numpy as np
 import tifffile
 from scipy.ndimage import zoom
 
-from .base import CameraCalibration
+from ..base import CameraCalibration
+from ..vst_gaussian import VSTGaussianEngine, anscombe, inverse_anscombe
 from .quality import fit_to, normalize_truth, score
-from .vst_gaussian import VSTGaussianEngine, anscombe, inverse_anscombe
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _then_bicubic(fn: Method) -> Method:
 
 
 def model_method(model: str, runtime: str = "auto") -> tuple[str, Method]:
-    from .model_engine import ModelEngine
+    from ..model_engine import ModelEngine
 
     engine = ModelEngine(model=model, runtime=runtime)
     prepared: dict[str, tuple[int, ...]] = {}
@@ -204,7 +204,7 @@ def run_eval_interp(stack: np.ndarray, factor: int, models: list[str], runtime: 
     Frames 0, f, 2f, ... are kept; each dropped frame k·f + j is reconstructed from
     its two kept neighbours at t = j/f and compared with the real frame.
     """
-    from .interpolators import make_interpolator
+    from ..interpolators import make_interpolator
 
     if stack.ndim != 3 or len(stack) < factor + 1:
         raise ValueError(f"need a (T, Y, X) time-lapse with more than {factor} frames, "

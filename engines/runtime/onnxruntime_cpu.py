@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import EngineError
-from .model_file import ModelCard
+from ..base import EngineError
+from ..model_file import ModelCard
 
 
 class OnnxRuntime:

@@ -25,13 +25,13 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from . import normalize
+from .. import normalize
+from ..evaluation.quality import fit_to, normalize_truth, psnr
+from ..model_file import ModelCard, read_card, resolve_model
+from ..nets import build_network, count_parameters, multiple_of
+from ..normalize import PercentileNorm
 from .crappify import make_crappifier
 from .export import export_onnx
-from .model_file import ModelCard, read_card, resolve_model
-from .nets import build_network, count_parameters, multiple_of
-from .normalize import PercentileNorm
-from .quality import fit_to, normalize_truth, psnr
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     settings.hparams = hparams
     net = build_network(settings.arch, **hparams)
     if settings.init:
-        from .runtime_torch import network_from_file
+        from ..runtime.pytorch import network_from_file
 
         net.load_state_dict(network_from_file(init_path, init_card).state_dict())
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)

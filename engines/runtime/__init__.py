@@ -19,17 +19,17 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .base import EngineError
-from .model_file import ModelCard, input_shapes
+from ..base import EngineError
+from ..model_file import ModelCard, input_shapes
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = {
-    "openvino": "dimscope.engines.runtime_openvino:OpenVINORuntime",
-    "onnxruntime": "dimscope.engines.runtime_onnxruntime:OnnxRuntime",
-    "torch": "dimscope.engines.runtime_torch:TorchRuntime",
-    "cuda": "dimscope.engines.runtime_torch:CudaRuntime",
-    "tensorrt": "dimscope.engines.runtime_tensorrt:TensorRTRuntime",
+    "openvino": "dimscope.engines.runtime.openvino_cpu:OpenVINORuntime",
+    "onnxruntime": "dimscope.engines.runtime.onnxruntime_cpu:OnnxRuntime",
+    "torch": "dimscope.engines.runtime.pytorch:TorchRuntime",
+    "cuda": "dimscope.engines.runtime.pytorch:CudaRuntime",
+    "tensorrt": "dimscope.engines.runtime.tensorrt_gpu:TensorRTRuntime",
 }
 RUNTIME_CHOICES = ("auto", "cpu", *RUNTIMES)
 

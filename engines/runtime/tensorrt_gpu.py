@@ -17,9 +17,9 @@ from typing import Any
 import tensorrt as trt
 import torch
 
-from .base import EngineError
+from ..base import EngineError
+from ..model_file import ModelCard, file_digest, model_inputs
 from .gpu_io import GpuSlots, SlotRuntime
-from .model_file import ModelCard, file_digest, model_inputs
 from .plan_cache import load_plan, plan_key, store_plan
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import EngineError
+from ..base import EngineError
+from ..model_file import ModelCard, input_shapes, onnx_weights
+from ..nets import build_network
 from .gpu_io import GpuSlots, SlotRuntime
-from .model_file import ModelCard, input_shapes, onnx_weights
-from .nets import build_network
 
 
 def network_from_file(path: Path, card: ModelCard) -> nn.Module:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model_file import ModelCard, write_card_metadata
+from ..model_file import ModelCard, write_card_metadata
 
 
 def export_onnx(net: nn.Module, card: ModelCard, path: Path) -> Path:

@@ -1,0 +1,1 @@
+"""Evaluation: restoration metrics (CSBDeep convention) and the classical baselines."""

@@ -1,0 +1,1 @@
+"""Training: PSSR/CAFI-style pairs made on the fly (crappifiers), the loop, ONNX export."""
