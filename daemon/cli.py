@@ -265,19 +265,16 @@ _WAIT_NOTICE_S = 5.0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from dimscope.engines import CameraCalibration, EngineError, make_engine
+    from dimscope.engines import EngineError, make_engine
 
     from .config import ConfigError, check_out_dir, load_config
-    from .pipeline import split_calibration
 
     try:
         cfg = load_config(args.config)
         check_out_dir(cfg.archive.out_dir)
         # Constructing the engine reads its model file and card: a missing or
         # damaged model is reported here, before any run.
-        _, options = split_calibration(dict(cfg.engine.options),
-                                               CameraCalibration())
-        make_engine(cfg.engine.name, **options).close()
+        make_engine(cfg.engine.name, **dict(cfg.engine.options)).close()
     except (ConfigError, EngineError, OSError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

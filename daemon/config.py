@@ -28,6 +28,7 @@ from dimscope.drivers.config import (
     default_adapter_paths,
     resolve_path,
 )
+from dimscope.engines.options import InterpolatorOptions, validate_options
 
 __all__ = ["MMSourceConfig", "ReplaySourceConfig", "SimSourceConfig", "SourceConfig",
            "default_adapter_paths"]
@@ -62,6 +63,18 @@ class ArchiveConfig(StrictModel):
         "below the service manager's stop timeout (systemd/dimscope.service: 120 s)")
 
 
+class CameraConfig(StrictModel):
+    """The camera's noise model, for engines that use it (VST, trust maps).
+
+    Unset values come from the source when it models its camera (sim, a re-noised
+    replay), else gain 1 ADU/e-, offset 0, read noise 0.
+    """
+
+    gain_adu_per_e: float | None = Field(None, gt=0)
+    offset_adu: float | None = Field(None, ge=0)
+    read_noise_e: float | None = Field(None, ge=0)
+
+
 def known_engine(name: str) -> str:
     from dimscope.engines import available_engines
 
@@ -81,6 +94,11 @@ class TierConfig(StrictModel):
     @classmethod
     def _known(cls, name: str) -> str:
         return known_engine(name)
+
+    @model_validator(mode="after")
+    def _typed_options(self) -> TierConfig:
+        validate_options(self.name, dict(self.options))
+        return self
 
 
 class EngineConfig(StrictModel):
@@ -104,6 +122,7 @@ class EngineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _model_named(self) -> EngineConfig:
+        validate_options(self.name, dict(self.options))
         if self.name == "model" and "model" not in self.options:
             raise ValueError("engine 'model' needs options.model: a shipped model name or an "
                              ".onnx path (on the command line: --model)")
@@ -118,6 +137,14 @@ class InterpolateConfig(StrictModel):
     method: Literal["model", "linear", "repeat"] = "model"
     options: dict[str, float | int | str | bool] = Field(
         default_factory=dict, description="for method 'model': model, runtime, precision")
+
+    @model_validator(mode="after")
+    def _typed_options(self) -> InterpolateConfig:
+        if self.method == "model":
+            InterpolatorOptions.model_validate(dict(self.options))
+        elif self.options:
+            raise ValueError(f"method {self.method!r} takes no options")
+        return self
 
 
 class PublishConfig(StrictModel):
@@ -166,6 +193,11 @@ class EngineNodeConfig(_NodeConfig):
     @classmethod
     def _known(cls, name: str) -> str:
         return known_engine(name)
+
+    @model_validator(mode="after")
+    def _typed_options(self) -> EngineNodeConfig:
+        validate_options(self.engine, dict(self.options))
+        return self
 
 
 class PublishNodeConfig(_NodeConfig):
@@ -280,6 +312,7 @@ class Config(StrictModel):
     source: SourceConfig = Field(default_factory=SimSourceConfig)
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
+    camera: CameraConfig = Field(default_factory=CameraConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     interpolate: InterpolateConfig = Field(default_factory=InterpolateConfig)
     mda: dict[str, Any] | None = Field(

@@ -30,6 +30,7 @@ from dimscope.engines.interpolators import make_interpolator
 
 from .archive import RawArchive
 from .config import (
+    CameraConfig,
     Config,
     EngineNodeConfig,
     InterpolateNodeConfig,
@@ -73,22 +74,21 @@ class BuildContext:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def split_calibration(options: dict[str, Any], default: CameraCalibration
-                      ) -> tuple[CameraCalibration, dict[str, Any]]:
-    """Camera calibration keys in engine options describe the camera, not the engine."""
-    opts = dict(options)
-    cal = CameraCalibration(
-        gain_adu_per_e=float(opts.pop("gain_adu_per_e", default.gain_adu_per_e)),
-        offset_adu=float(opts.pop("offset_adu", default.offset_adu)),
-        read_noise_e=float(opts.pop("read_noise_e", default.read_noise_e)),
-    )
-    return cal, opts
+def camera_calibration(camera: CameraConfig, source_model: CameraCalibration | None
+                       ) -> CameraCalibration:
+    """`[camera]` where set, else the source's own camera model, else gain 1, offset 0."""
+    base = source_model or CameraCalibration()
+    return CameraCalibration(
+        gain_adu_per_e=camera.gain_adu_per_e if camera.gain_adu_per_e is not None
+        else base.gain_adu_per_e,
+        offset_adu=camera.offset_adu if camera.offset_adu is not None else base.offset_adu,
+        read_noise_e=camera.read_noise_e if camera.read_noise_e is not None
+        else base.read_noise_e)
 
 
 def load_engine(name: str, options: dict[str, Any], ctx: BuildContext) -> Engine:
     """A prepared engine for the camera's frames; EngineError says why not."""
-    _, engine_options = split_calibration(options, ctx.calibration)
-    engine = make_engine(name, **engine_options)
+    engine = make_engine(name, **options)
     try:
         engine.prepare(ctx.frame_shape, ctx.frame_dtype, ctx.calibration)
     except EngineError:
@@ -104,8 +104,7 @@ def tier_factories(tiers: tuple[TierConfig, ...], calibration: CameraCalibration
     factories: list[tuple[str, Callable[[], Engine]]] = []
     for tier in tiers:
         def build(tier: TierConfig = tier) -> Engine:
-            _, options = split_calibration(dict(tier.options), calibration)
-            return make_engine(tier.name, **options)
+            return make_engine(tier.name, **dict(tier.options))
 
         label = tier.name + ("" if not tier.options else " " + ",".join(
             f"{k}={v}" for k, v in tier.options.items()))

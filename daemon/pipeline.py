@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from dimscope.drivers import SourceError, make_source
-from dimscope.engines import CameraCalibration, EngineError
+from dimscope.engines import EngineError
 
 from . import __version__
 from .acquisition import Acquisition
 from .archive import create_run_dir
 from .config import DEFAULT_NODE_NAMES, Config, with_overrides
-from .graph import BuildContext, build_graph, declared_nodes, load_engine, split_calibration
+from .graph import BuildContext, build_graph, camera_calibration, declared_nodes, load_engine
 from .mda import MDAAcquisition, load_sequence
 from .publisher import PublishSocket, PublishStage
 from .stage import Stage
@@ -36,7 +36,7 @@ from .summary import (
     StageStats,
 )
 
-__all__ = ["Pipeline", "split_calibration"]
+__all__ = ["Pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ def _id_ranges(ids: list[int]) -> str:
         else:
             runs.append([i, i])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def _calibration(source: Any) -> CameraCalibration:
-    """A source that models its camera says so; real hardware defaults to gain 1, offset 0."""
-    calibration = getattr(source, "calibration", None)
-    return calibration if isinstance(calibration, CameraCalibration) else CameraCalibration()
 
 
 def _engine_report(info: Any) -> EngineReport | None:
@@ -143,7 +137,7 @@ class Pipeline:
     def _start_stages(self, max_frames: int | None) -> None:
         cfg = self.config
         core = self.source.core
-        calibration, _ = split_calibration(dict(cfg.engine.options), _calibration(self.source))
+        calibration = camera_calibration(cfg.camera, getattr(self.source, "calibration", None))
         # Bind first: a port in use is bad input and must leave no run folder behind.
         self.socket = PublishSocket(cfg.publish.address, cfg.publish.send_hwm,
                                     cfg.publish.linger_ms)

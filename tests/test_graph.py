@@ -75,3 +75,39 @@ def test_an_extra_engine_that_cannot_load_is_named_and_the_rest_runs(tmp_path: P
     assert "no_such_model.onnx" in summary["node_errors"]["mine"]
     assert "not running" in summary["node_errors"]["publish_mine"]
     assert summary["archived"] == 20 and summary["stages"]["publish_enhanced"]["passed"] > 0
+
+
+@pytest.mark.parametrize(("toml", "needle"), [
+    ('[engine]\nname = "denoise"\noptions = { runtim = "cpu" }\n',
+     "runtim: unknown option"),
+    ('[engine]\nname = "denoise"\noptions = { precision = "int3" }\n', "precision"),
+    ('[engine]\nname = "vst_gaussian"\noptions = { sigma = -1 }\n', "sigma"),
+    ('[engine]\nname = "vst_gaussian"\noptions = { gain_adu_per_e = 2.0 }\n',
+     "set it in [camera]"),
+    ('[engine]\nname = "identity"\ntiers = [{ name = "vst_gaussian", options = { sgima = 1 } }]\n',
+     "sgima: unknown option"),
+    ('[interpolate]\nfactor = 2\nmethod = "linear"\noptions = { model = "x" }\n',
+     "takes no options"),
+])
+def test_engine_options_are_typed_per_engine(tmp_path: Path, toml: str, needle: str) -> None:
+    path = write_config(tmp_path / "o.toml", toml)
+    result = dimscope("check-config", path, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert needle in result.stderr, result.stderr
+
+
+def test_camera_section_sets_the_calibration_engines_see(tmp_path: Path) -> None:
+    from dimscope.daemon.pipeline import Pipeline
+
+    from .conftest import make_config
+
+    cfg = make_config(tmp_path, camera={"read_noise_e": 3.0}, engine={"name": "vst_gaussian"})
+    pipeline = Pipeline(cfg)
+    pipeline.start(max_frames=3)
+    pipeline.wait()
+    engine = pipeline.stage("engine")
+    pipeline.stop()
+    # read noise from [camera]; gain and offset still the simulated camera's own (2, 100)
+    assert engine is not None
+    assert engine.calibration.read_noise_e == 3.0  # type: ignore[attr-defined]
+    assert (engine.calibration.gain_adu_per_e, engine.calibration.offset_adu) == (2.0, 100.0)  # type: ignore[attr-defined]

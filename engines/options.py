@@ -1,0 +1,78 @@
+"""Each engine's options as a typed model (one per engine, CAREamics-style).
+
+A config's `engine.options` (and a tier's, or a `[[stages]]` engine's) is
+validated against the model of the engine it names, so a misspelt or
+mistyped option is a config error naming the key — not a TypeError at start.
+Camera calibration is not an engine option: it lives in `[camera]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Runtime = Literal["auto", "cpu", "openvino", "onnxruntime", "torch", "cuda", "tensorrt"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class EngineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentityOptions(EngineOptions):
+    """`identity` takes no options."""
+
+
+class VSTGaussianOptions(EngineOptions):
+    sigma: float = Field(1.5, gt=0, description="Gaussian sigma (pixels) in the VST domain")
+
+
+class ModelOptions(EngineOptions):
+    """`denoise`, `sr2`, `model`: a trained model file run by a runtime."""
+
+    model: str | None = Field(None, description="shipped model name or .onnx path")
+    runtime: Runtime = "auto"
+    precision: Precision = "auto"
+    tile: int = Field(2048, ge=64, description="frames larger than this run in tiles")
+    halo: int = Field(32, ge=0, description="pixels of context around each tile")
+
+
+class InterpolatorOptions(EngineOptions):
+    """`interpolate.method = "model"`: the interpolation model and its runtime."""
+
+    model: str = "interp"
+    runtime: Runtime = "auto"
+    precision: Precision = "auto"
+
+
+#: engine name -> its options model (plugins registered without one take any options)
+ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
+    "identity": IdentityOptions,
+    "vst_gaussian": VSTGaussianOptions,
+    "denoise": ModelOptions,
+    "sr2": ModelOptions,
+    "model": ModelOptions,
+}
+
+_CALIBRATION_KEYS = ("gain_adu_per_e", "offset_adu", "read_noise_e")
+
+
+def validate_options(engine: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options, checked against the engine's model; ValueError names each problem."""
+    moved = [k for k in _CALIBRATION_KEYS if k in options]
+    if moved:
+        raise ValueError(f"{', '.join(moved)}: camera calibration is not an engine option; "
+                         "set it in [camera]")
+    model = ENGINE_OPTIONS.get(engine)
+    if model is None:
+        return dict(options)
+    try:
+        return model.model_validate(options).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: "
+            + ("unknown option" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors())
+        raise ValueError(f"engine {engine!r} options: {problems} (allowed: "
+                         f"{', '.join(model.model_fields) or 'none'})") from None
