@@ -208,6 +208,9 @@ class _IndexWriter:
                 return
             if item is not None:
                 self._on_indexed(1)
+                # Hand the GIL back between lines: with a backlog this thread would otherwise
+                # run Python for a whole switch interval (5 ms) while the pixel writer waits.
+                time.sleep(0)
 
     def fsync(self) -> None:
         """Ask for the index to be flushed and fsynced (done on the index thread)."""
