@@ -53,7 +53,7 @@ class SimSourceConfig(StrictModel):
     ground_truth_history: int = Field(
         0, ge=0, description="frames whose noiseless truth is kept for in-process callers "
         "(tests, benchmarks); 0 = none, so a long run's memory stays flat")
-    buffer_mb: int = Field(512, ge=8)
+    buffer_mb: int = Field(512, ge=1, description="the core's sequence buffer (MB)")
     seed: int = 0
 
 
