@@ -162,6 +162,10 @@ class Stage:
     # -- worker side ------------------------------------------------------------
     def _next(self) -> Frame | None:
         with self._cond:
+            caught_up = not self._queue and not self._closing and not self._abandoned
+        if caught_up:
+            self.idle()
+        with self._cond:
             while not self._queue or self._abandoned:
                 if self._closing or self._abandoned:
                     return None
@@ -201,6 +205,9 @@ class Stage:
     # -- subclass hooks -------------------------------------------------------------
     def setup(self) -> None:
         """Open resources; runs in the caller's thread before the worker starts."""
+
+    def idle(self) -> None:
+        """The queue ran empty (worker thread): finish buffered work, e.g. index lines."""
 
     def teardown(self) -> None:
         """Release resources after the worker has drained."""
