@@ -162,7 +162,9 @@ class Stage:
     # -- worker side ------------------------------------------------------------
     def _next(self) -> Frame | None:
         with self._cond:
-            caught_up = not self._queue and not self._closing and not self._abandoned
+            if self._queue and not self._abandoned:  # the busy case: one lock per frame
+                return self._pop()
+            caught_up = not self._closing and not self._abandoned
         if caught_up:
             self.idle()
         with self._cond:
@@ -170,10 +172,13 @@ class Stage:
                 if self._closing or self._abandoned:
                     return None
                 self._cond.wait(0.5)
-            frame = self._queue.popleft()
-            if self.policy is OverflowPolicy.FAIL:
-                self._cond.notify_all()  # a producer may be waiting for room
-            return frame
+            return self._pop()
+
+    def _pop(self) -> Frame:
+        frame = self._queue.popleft()
+        if self.policy is OverflowPolicy.FAIL:
+            self._cond.notify_all()  # a producer may be waiting for room
+        return frame
 
     def _run(self) -> None:
         while (frame := self._next()) is not None:
