@@ -187,9 +187,12 @@ class _IndexLog:
     def fsync(self) -> None:
         os.fsync(self._fh.fileno())
 
-    def close(self) -> int:
+    def close(self, fsync: bool = False) -> int:
         try:
-            return self.flush()
+            written = self.flush()
+            if fsync:
+                self.fsync()
+            return written
         finally:
             self._fh.close()
 
@@ -240,6 +243,12 @@ class RawArchive(Stage):
         f.writer.close()
         if f.planes:
             write_ome_description(f.path, f.shape, f.dtype, f.planes, self.pixel_size_um)
+        if self.fsync_every_s:  # a finished file is on the disk, not only in the page cache
+            fd = os.open(f.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def process(self, frame: Frame) -> None:
         try:
@@ -293,7 +302,7 @@ class RawArchive(Stage):
                       self.files[-1] if self.files else self.run_dir, exc, self.run_dir)
         if self._index is not None:
             try:
-                self._indexed(self._index.close())
+                self._indexed(self._index.close(fsync=bool(self.fsync_every_s)))
             except OSError as exc:
                 log.error("raw archive: finishing the index failed (%s)", exc)
                 if self.error is None:
