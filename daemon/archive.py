@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -34,7 +34,8 @@ import numpy as np
 import tifffile
 
 from .frame import Frame, pixel_checksum
-from .stage import OverflowPolicy, Stage
+from .sinks import SinkStage
+from .stage import OverflowPolicy
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +198,11 @@ class _IndexLog:
             self._fh.close()
 
 
-class RawArchive(Stage):
-    """Sink stage with the FAIL policy: a full queue stops acquisition, never drops."""
+class OmeTiffSink:
+    """The raw archive's writer (a `Sink`): OME-TIFF files plus the index."""
 
-    def __init__(self, run_dir: Path, *, queue_frames: int, rotate_bytes: int,
-                 pixel_size_um: float, fsync_every_s: float = 2.0) -> None:
-        super().__init__("archive", queue_frames, OverflowPolicy.FAIL)
+    def __init__(self, run_dir: Path, *, rotate_bytes: int, pixel_size_um: float,
+                 fsync_every_s: float = 2.0) -> None:
         self.run_dir = run_dir
         self.rotate_bytes = rotate_bytes
         self.pixel_size_um = pixel_size_um
@@ -218,17 +218,18 @@ class RawArchive(Stage):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._index = _IndexLog(self.run_dir / INDEX_NAME)
 
-    def idle(self) -> None:
+    def flush(self) -> None:
         """Caught up with acquisition: write the index lines still buffered."""
         if self._index is not None:
             try:
-                self._indexed(self._index.flush())
+                self._index.flush()
             except OSError as exc:
-                self._fail(ArchiveError(f"raw archive: writing {INDEX_NAME} failed: "
-                                        f"{exc.strerror or exc}"))
+                raise ArchiveError(f"raw archive: writing {INDEX_NAME} failed: "
+                                   f"{exc.strerror or exc}") from exc
 
-    def _indexed(self, n: int) -> None:
-        self.counters.passed += n  # archived = pixels in the file and named by the index
+    def skip(self, frame_ids: Sequence[int]) -> None:
+        # The archive's queue never drops (FAIL policy): nothing is ever skipped.
+        raise ArchiveError(f"raw archive: frames {list(frame_ids)} were skipped")
 
     def _open_next(self, frame: Frame) -> _OpenFile:
         path = self.run_dir / f"raw_{len(self.files):03d}.ome.tif"
@@ -250,9 +251,10 @@ class RawArchive(Stage):
             finally:
                 os.close(fd)
 
-    def process(self, frame: Frame) -> None:
+    def append(self, frame: Frame) -> bool:
         try:
             self._write(frame)
+            return True
         except OSError as exc:
             where = self._file.path if self._file else self.run_dir
             reason = exc.strerror or str(exc)
@@ -282,33 +284,48 @@ class RawArchive(Stage):
         assert self._index is not None
         # Formatted on the index thread; the checksum was taken at acquisition, where the
         # pixels were hot in cache (here it cost the pixel writes a third of their rate).
-        self._indexed(self._index.add(_IndexEntry(
+        self._index.add(_IndexEntry(
             frame, f.path.name, len(f.planes) - 1, f.end - nbytes, delta_t_s,
-            frame.checksum or pixel_checksum(frame.pixels))))
+            frame.checksum or pixel_checksum(frame.pixels)))
         self.bytes_written += nbytes
         if self.fsync_every_s:
             now = time.monotonic()
             if now - self._last_sync >= self.fsync_every_s:
                 os.fsync(fh.fileno())
-                self._indexed(self._index.flush())
+                self._index.flush()
                 self._index.fsync()
                 self._last_sync = now
 
-    def teardown(self) -> None:
+    def close(self) -> None:
         try:
             self._close_file()
         except OSError as exc:
             log.error("raw archive: finishing %s failed (%s); run `dimscope recover %s`",
                       self.files[-1] if self.files else self.run_dir, exc, self.run_dir)
-        if self._index is not None:
+        index, self._index = self._index, None
+        if index is not None:
             try:
-                self._indexed(self._index.close(fsync=bool(self.fsync_every_s)))
+                index.close(fsync=bool(self.fsync_every_s))
             except OSError as exc:
-                log.error("raw archive: finishing the index failed (%s)", exc)
-                if self.error is None:
-                    self.error = ArchiveError(f"raw archive: writing {INDEX_NAME} failed: "
-                                              f"{exc.strerror or exc}")
-            self._index = None
+                raise ArchiveError(f"raw archive: writing {INDEX_NAME} failed: "
+                                   f"{exc.strerror or exc}") from exc
+
+
+class RawArchive(SinkStage):
+    """The raw archive node: FAIL policy (a full queue makes acquisition wait, then stop;
+    it never drops) in front of an `OmeTiffSink`. `archived` counts frames whose pixels
+    are in the file; their index lines follow within 20 ms."""
+
+    def __init__(self, run_dir: Path, *, queue_frames: int, rotate_bytes: int,
+                 pixel_size_um: float, fsync_every_s: float = 2.0) -> None:
+        self.writer = OmeTiffSink(run_dir, rotate_bytes=rotate_bytes,
+                                  pixel_size_um=pixel_size_um, fsync_every_s=fsync_every_s)
+        super().__init__("archive", self.writer, queue_frames, OverflowPolicy.FAIL)
+        self.run_dir = run_dir
+
+    @property
+    def files(self) -> list[Path]:
+        return self.writer.files
 
 
 # -- reading back ------------------------------------------------------------------------

@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import zmq
 
 from .frame import Frame
 from .metrics import LatencyWindow
-from .stage import OverflowPolicy, Stage
+from .sinks import SinkStage
+from .stage import OverflowPolicy
 from .wire import encode_header
 
 log = logging.getLogger(__name__)
@@ -79,26 +81,49 @@ class PublishSocket:
             self._sock.close(self.linger_ms)
 
 
-class PublishStage(Stage):
-    def __init__(self, topic: str, socket: PublishSocket, queue_frames: int,
-                 name: str | None = None) -> None:
-        super().__init__(name or f"publish_{topic}", queue_frames, OverflowPolicy.DROP_OLDEST)
+class TopicSink:
+    """Sends frames on one topic of the shared PUB socket, numbering them (`seq`)."""
+
+    def __init__(self, topic: str, socket: PublishSocket) -> None:
         self.topic = topic
         self._topic_bytes = topic.encode()
         self._socket = socket
         self.seq = 0
-        # Acquisition-to-send latency of published frames (the stage's own
-        # `latency` window measures only the time spent in this stage).
+        # Acquisition-to-send latency of published frames.
         self.end_to_end = LatencyWindow()
 
-    def process(self, frame: Frame) -> None:
+    def setup(self) -> None:
+        pass
+
+    def append(self, frame: Frame) -> bool:
         mono = time.monotonic_ns()
         frame = frame.marked("published", mono)
         header = encode_header(frame, topic=self.topic, seq=self.seq,
                                published_unix_ns=time.time_ns(), published_mono_ns=mono)
-        if self._socket.send(self._topic_bytes, header, memoryview(frame.pixels.data)):
-            self.seq += 1
-            self.counters.passed += 1
-            self.end_to_end.add(frame.latency_ms()["total"])
-        else:
-            self.count_dropped()  # past the high-water mark of every subscriber
+        if not self._socket.send(self._topic_bytes, header, memoryview(frame.pixels.data)):
+            return False  # past the high-water mark of every subscriber
+        self.seq += 1
+        self.end_to_end.add(frame.latency_ms()["total"])
+        return True
+
+    def skip(self, frame_ids: Sequence[int]) -> None:
+        pass  # subscribers see skipped frames as gaps in `seq`
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass  # the socket is shared; the pipeline closes it after every topic
+
+
+class PublishStage(SinkStage):
+    """A topic publisher: drop-oldest queue in front of a `TopicSink`."""
+
+    def __init__(self, topic: str, socket: PublishSocket, queue_frames: int,
+                 name: str | None = None) -> None:
+        self.topic_sink = TopicSink(topic, socket)
+        super().__init__(name or f"publish_{topic}", self.topic_sink, queue_frames,
+                         OverflowPolicy.DROP_OLDEST)
+        self.topic = topic
+        #: acquisition-to-send latency (the stage's `latency` is its own processing time)
+        self.end_to_end = self.topic_sink.end_to_end

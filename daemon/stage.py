@@ -54,6 +54,8 @@ class Stage:
         self._cond = threading.Condition()
         self._closing = False
         self._abandoned = False
+        #: ids of frames dropped by the policy, until the worker hands them on (bounded)
+        self._skipped: deque[int] = deque(maxlen=4096)
         #: frame ids still queued when a drain ran out of time (never processed)
         self.abandoned_ids: list[int] = []
         self._thread: threading.Thread | None = None
@@ -96,7 +98,7 @@ class Stage:
                         f"stage {self.name!r} queue is full ({self.capacity} frames) and "
                         f"stayed full for {wait_s:g} s: it cannot keep up with acquisition"
                     )
-                self._queue.popleft()
+                self._skipped.append(self._queue.popleft().frame_id)
                 self.counters.dropped += 1
             self._queue.append(frame)
             depth = len(self._queue)
@@ -108,6 +110,15 @@ class Stage:
         """Count frames the worker discards; `offer` counts drops too, so share its lock."""
         with self._cond:
             self.counters.dropped += n
+
+    def take_skipped(self) -> list[int]:
+        """Ids of frames the policy dropped since the last call (the most recent 4096)."""
+        with self._cond:
+            if not self._skipped:
+                return []
+            ids = list(self._skipped)
+            self._skipped.clear()
+            return ids
 
     @property
     def depth(self) -> int:

@@ -127,11 +127,11 @@ def test_run_folder_creation_is_create_or_fail_under_contention(tmp_path: Path) 
 _SLOW_DISK_DAEMON = r"""
 import sys, time
 from dimscope.daemon import archive
-write = archive.RawArchive._write
+write = archive.OmeTiffSink._write
 def slow_write(self, frame):
     time.sleep(0.010)
     write(self, frame)
-archive.RawArchive._write = slow_write
+archive.OmeTiffSink._write = slow_write
 from dimscope.daemon.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -163,3 +164,44 @@ def test_engine_errors_are_specific() -> None:
     engine = make_engine("vst_gaussian")
     with pytest.raises(EngineError, match="2-D grey frames"):
         engine.prepare((4, 4, 3), np.dtype(np.uint8), CameraCalibration())
+
+
+class _RecordingSink:
+    """A sink that remembers every call (the protocol: setup/append/skip/flush/close)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def setup(self) -> None:
+        self.calls.append(("setup", None))
+
+    def append(self, frame: Frame) -> bool:
+        self.calls.append(("append", frame.frame_id))
+        return frame.frame_id % 2 == 0  # refuses odd frames
+
+    def skip(self, frame_ids: Sequence[int]) -> None:
+        self.calls.append(("skip", list(frame_ids)))
+
+    def flush(self) -> None:
+        self.calls.append(("flush", None))
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def test_sink_stage_drives_the_sink_protocol_and_counts() -> None:
+    from dimscope.daemon.sinks import Sink, SinkStage
+
+    sink = _RecordingSink()
+    assert isinstance(sink, Sink)
+    stage = SinkStage("recorder", sink, 2, OverflowPolicy.DROP_OLDEST)
+    for i in range(5):  # not started yet: 0, 1 and 2 are pushed out by 3 and 4
+        stage.offer(_frame(i))
+    stage.start()
+    stage.stop()
+    names = [c[0] for c in sink.calls]
+    assert names[0] == "setup" and names[-1] == "close"
+    assert ("skip", [0, 1, 2]) in sink.calls  # told before the next append
+    assert [c[1] for c in sink.calls if c[0] == "append"] == [3, 4]
+    c = stage.counters
+    assert (c.received, c.passed, c.dropped) == (5, 1, 4)  # 4 accepted, 3 refused
