@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     ValidationError,
     ValidationInfo,
@@ -84,16 +85,15 @@ def known_engine(name: str) -> str:
     return name
 
 
+#: an engine name that is registered (`dimscope.engines.available_engines`)
+EngineName = Annotated[str, AfterValidator(known_engine)]
+
+
 class TierConfig(StrictModel):
     """A faster fallback for the latency budget: another engine and/or other options."""
 
-    name: str
+    name: EngineName
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return known_engine(name)
 
     @model_validator(mode="after")
     def _typed_options(self) -> TierConfig:
@@ -102,7 +102,7 @@ class TierConfig(StrictModel):
 
 
 class EngineConfig(StrictModel):
-    name: str = "denoise"
+    name: EngineName = "denoise"
     queue_frames: int = Field(
         1, ge=1, description="frames waiting for the engine; when full the oldest is skipped")
     on_failure: Literal["raw_only", "stop"] = Field(
@@ -114,11 +114,6 @@ class EngineConfig(StrictModel):
         "over it: faster tier, then skip (see README: Latency budgets)")
     tiers: tuple[TierConfig, ...] = Field(
         (), description="faster fallbacks, in order, used when the budget is not met")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return known_engine(name)
 
     @model_validator(mode="after")
     def _model_named(self) -> EngineConfig:
@@ -183,16 +178,11 @@ class EngineNodeConfig(_NodeConfig):
     """An enhancement engine on the frames of its upstream."""
 
     kind: Literal["engine"] = "engine"
-    engine: str
+    engine: EngineName
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
     queue_frames: int = Field(1, ge=1, description="1 = always the newest frame")
     budget_ms: float | None = Field(None, gt=0)
     tiers: tuple[TierConfig, ...] = ()
-
-    @field_validator("engine")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return known_engine(name)
 
     @model_validator(mode="after")
     def _typed_options(self) -> EngineNodeConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .acquisition import FinishReason
 
@@ -35,14 +35,14 @@ class LatencyStats(_Report):
 class StageStats(_Report):
     """One node's counters (see `daemon/stage.py`), plus the engine's budget state."""
 
-    received: int = 0
-    passed: int = 0
-    dropped: int = 0
-    late: int = 0
-    errors: int = 0
-    depth: int = 0
-    max_depth: int = 0
-    capacity: int = 0
+    received: int = Field(0, description="frames offered to the node")
+    passed: int = Field(0, description="frames it handed on, stored or sent")
+    dropped: int = Field(0, description="frames discarded by its stated policy")
+    late: int = Field(0, description="frames that missed a latency budget or deadline")
+    errors: int = Field(0, description="frames it failed on")
+    depth: int = Field(0, description="frames queued when the summary was taken")
+    max_depth: int = Field(0, description="the most frames ever queued")
+    capacity: int = Field(0, description="queue capacity")
     latency_ms: LatencyStats = LatencyStats()
     error: str | None = None
     budget_ms: float | None = None
