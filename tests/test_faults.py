@@ -123,15 +123,25 @@ def test_run_folder_creation_is_create_or_fail_under_contention(tmp_path: Path) 
 
 # -- SIGTERM while the writer is behind --------------------------------------------------------
 
-# A disk slower than the camera: every archive write takes 10 ms longer.
+# A disk slower than the camera: every archive write takes 10 ms longer. The daemon's raw
+# archive node is replaced through the node-kind registry (the plugin seam), in its own process.
 _SLOW_DISK_DAEMON = r"""
 import sys, time
-from dimscope.daemon import archive
-write = archive.OmeTiffSink._write
-def slow_write(self, frame):
-    time.sleep(0.010)
-    write(self, frame)
-archive.OmeTiffSink._write = slow_write
+from dimscope.daemon.archive import RawArchive
+from dimscope.daemon.graph import register_node_kind
+
+class SlowDiskArchive(RawArchive):
+    def process(self, frame):
+        time.sleep(0.010)
+        super().process(frame)
+
+def build(node, ctx):
+    cfg = ctx.config.archive
+    return SlowDiskArchive(ctx.run_dir, queue_frames=cfg.queue_frames,
+                           rotate_bytes=int(cfg.rotate_gb * 2**30),
+                           pixel_size_um=ctx.pixel_size_um, fsync_every_s=cfg.fsync_every_s)
+
+register_node_kind("archive", build)
 from dimscope.daemon.cli import main
 sys.exit(main(sys.argv[1:]))
 """
