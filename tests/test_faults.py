@@ -88,14 +88,18 @@ def test_daemons_started_together_on_one_out_folder_never_share_a_run_folder(
         tmp_path: Path) -> None:
     out = tmp_path / "runs"
     n = 6
-    configs = [_sim_config(tmp_path / f"d{i}.toml") for i in range(n)]
+    # Any free port, chosen by each daemon at bind time: ports picked here in advance could
+    # collide between six daemons starting at once.
+    configs = [_sim_config(tmp_path / f"d{i}.toml", address="tcp://127.0.0.1:*")
+               for i in range(n)]
     start_at = time.time() + 8.0  # after every interpreter has imported
     procs = [subprocess.Popen([sys.executable, "-c", _DAEMON_AT, str(start_at), "run", "-c",
                                str(c), "--frames", "60", "--out", str(out), "-q"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for c in configs]
-    codes = [p.wait(120) for p in procs]
-    assert codes == [0] * n, [p.stderr.read() for p in procs if p.stderr]
+    outputs = [p.communicate(timeout=120)[1].decode() for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * n, [err for err, code in zip(outputs, codes, strict=True) if code]
     runs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(runs) == n
     for run in runs:
