@@ -37,7 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
         val_low=str(args.val_low) if args.val_low else None,
         val_high=str(args.val_high) if args.val_high else None, val_every=args.val_every,
-        checkpoint_every=args.val_every, init=args.init, name=args.name, version=args.version)
+        checkpoint_every=args.val_every, init=args.init, name=args.name, version=args.version,
+        window=args.window, vst=args.vst, movies=[str(m) for m in args.movies],
+        photons=(args.photons[0], args.photons[1]))
     out = args.out or Path(f"{args.name or args.task}.onnx")
     try:
         result = train(settings, out, checkpoint=args.checkpoint, resume=args.resume,
@@ -64,6 +66,15 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--arch", choices=["restore", "care_unet", "interp"], default="restore")
     t.add_argument("--channels", type=int, default=None)
     t.add_argument("--levels", type=int, default=None)
+    t.add_argument("--window", type=int, default=1,
+                   help="denoise: frames of causal temporal context (oldest first; 1 = single)")
+    t.add_argument("--vst", action="store_true",
+                   help="denoise: noise-aware inputs (camera's Anscombe transform + noise level)")
+    t.add_argument("--movies", type=Path, nargs="*", default=[],
+                   help="time-lapses (T,Y,X or T,C,Y,X TIFFs) for temporal training clips")
+    t.add_argument("--photons", type=float, nargs=2, default=(2.0, 1000.0),
+                   metavar=("MIN", "MAX"), help="photon budget range of the noise-aware "
+                   "crappifier (photoelectrons at the brightest structure)")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--patch", type=int, default=128, help="input crop size in pixels")

@@ -29,7 +29,12 @@ from dimscope.drivers.config import (
     default_adapter_paths,
     resolve_path,
 )
-from dimscope.engines.options import InterpolatorOptions, validate_options
+from dimscope.engines.options import (
+    EngineOptions,
+    FlowInterpolatorOptions,
+    InterpolatorOptions,
+    validate_options,
+)
 
 __all__ = ["MMSourceConfig", "ReplaySourceConfig", "SimSourceConfig", "SourceConfig",
            "default_adapter_paths"]
@@ -124,21 +129,44 @@ class EngineConfig(StrictModel):
         return self
 
 
+InterpolateMethod = Literal["model", "flow", "linear", "repeat"]
+
+#: interpolation method -> its options model (a method not listed takes no options)
+_INTERPOLATE_OPTIONS: dict[str, type[EngineOptions]] = {
+    "model": InterpolatorOptions, "flow": FlowInterpolatorOptions}
+
+
+def _check_interpolate_options(method: str, options: dict[str, Any]) -> None:
+    """ValueError naming each bad option of an interpolation method, and what is allowed."""
+    model = _INTERPOLATE_OPTIONS.get(method)
+    if model is None:
+        if options:
+            raise ValueError(f"method {method!r} takes no options")
+        return
+    try:
+        model.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"options.{'.'.join(str(p) for p in e['loc'])}: "
+            + ("unknown option" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors())
+        raise ValueError(f"method {method!r}: {problems} (allowed: "
+                         f"{', '.join(model.model_fields)})") from None
+
+
 class InterpolateConfig(StrictModel):
     """Live frame interpolation between consecutive (enhanced) frames."""
 
     factor: Literal[1, 2, 4] = Field(
         1, description="1 = off; 2 or 4 = publish 1 or 3 synthesised frames per interval")
-    method: Literal["model", "linear", "repeat"] = "model"
+    method: InterpolateMethod = "model"
     options: dict[str, float | int | str | bool] = Field(
-        default_factory=dict, description="for method 'model': model, runtime, precision")
+        default_factory=dict, description="for method 'model': model, runtime, precision; "
+        "for 'flow': preset, presmooth, tau")
 
     @model_validator(mode="after")
     def _typed_options(self) -> InterpolateConfig:
-        if self.method == "model":
-            InterpolatorOptions.model_validate(dict(self.options))
-        elif self.options:
-            raise ValueError(f"method {self.method!r} takes no options")
+        _check_interpolate_options(self.method, dict(self.options))
         return self
 
 
@@ -202,9 +230,14 @@ class InterpolateNodeConfig(_NodeConfig):
 
     kind: Literal["interpolate"] = "interpolate"
     factor: Literal[2, 4] = 2
-    method: Literal["model", "linear", "repeat"] = "model"
+    method: InterpolateMethod = "model"
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
     queue_frames: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _typed_options(self) -> InterpolateNodeConfig:
+        _check_interpolate_options(self.method, dict(self.options))
+        return self
 
 
 #: one `[[stages]]` entry, told apart by `kind` (each kind one model, CAREamics-style)

@@ -76,9 +76,12 @@ class BuildContext:
 
 def camera_calibration(camera: CameraConfig, source_model: CameraCalibration | None
                        ) -> CameraCalibration:
-    """`[camera]` where set, else the source's own camera model, else gain 1, offset 0."""
-    base = source_model or CameraCalibration()
+    """`[camera]` where set, else the source's own camera model, else gain 1, offset 0 —
+    then marked not measured, so noise-aware engines estimate the camera from the frames."""
+    base = source_model or CameraCalibration(measured=False)
+    configured = camera.gain_adu_per_e is not None and camera.offset_adu is not None
     return CameraCalibration(
+        measured=base.measured or configured,
         gain_adu_per_e=camera.gain_adu_per_e if camera.gain_adu_per_e is not None
         else base.gain_adu_per_e,
         offset_adu=camera.offset_adu if camera.offset_adu is not None else base.offset_adu,

@@ -17,6 +17,9 @@ __all__ = ["CameraCalibration", "Engine", "EngineError", "EngineInfo", "availabl
 _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     "identity": ("dimscope.engines.identity:IdentityEngine", {}),
     "vst_gaussian": ("dimscope.engines.vst_gaussian:VSTGaussianEngine", {}),
+    # Classical references (slow; the `eval` extra): BM3D+VST, BM4D+VST on a causal window.
+    "bm3d": ("dimscope.engines.bm3d_engine:BM3DEngine", {"window": 1}),
+    "bm4d": ("dimscope.engines.bm3d_engine:BM3DEngine", {"window": 5}),
     # Trained models: same engine, different shipped model file (option `model`).
     "denoise": ("dimscope.engines.model_engine:ModelEngine", {"model": "denoise"}),
     "sr2": ("dimscope.engines.model_engine:ModelEngine", {"model": "sr2"}),

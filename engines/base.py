@@ -21,15 +21,23 @@ class EngineInfo:
     runtime: str = "numpy"
     precision: str = "fp32"
     scale: int = 1
+    #: the noise model the engine uses (noise-aware engines), e.g. "var = 2·x − 190 ADU²
+    #: (calibration)"; empty for engines that do not use one
+    noise: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class CameraCalibration:
-    """Camera noise parameters, in the units of the raw frames."""
+    """Camera noise parameters, in the units of the raw frames.
+
+    `measured` is False when nothing told dimscope the camera's numbers (the
+    defaults stand in): noise-aware engines then estimate them from the frames.
+    """
 
     gain_adu_per_e: float = 1.0
     offset_adu: float = 0.0
     read_noise_e: float = 0.0
+    measured: bool = True
 
 
 @runtime_checkable

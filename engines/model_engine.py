@@ -1,13 +1,23 @@
 """The engine for trained models (`denoise`, `sr2`, or any exported model file).
 
-Per frame: percentile-normalise with the model card's settings, run the
-network through the chosen runtime (in overlapping tiles when the frame is
-larger than `tile`), and map the result back to the camera's intensity units.
-Output is float32, `scale` times the input size.
+Per frame: normalise with the model card's settings, run the network through
+the chosen runtime (in overlapping tiles when the frame is larger than
+`tile`), and map the result back to the camera's intensity units. Output is
+float32, `scale` times the input size.
+
+Two kinds of model cards:
+- percentile normalisation, one frame in (the first shipped models);
+- noise-aware (`vst`): the camera's noise model (calibration, or estimated
+  from the frames: `CameraNoise`) stabilises the noise and its level is an
+  input; with `window` K > 1 the engine keeps the last K frames it was given
+  and restores the newest from all of them — causal, so no frame of latency is
+  added. Until K frames have arrived (and for a single image) the window is
+  padded with the oldest frame present, as in training.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +26,8 @@ import numpy as np
 from . import normalize
 from .base import CameraCalibration, EngineError, EngineInfo
 from .model_file import file_digest, read_card, resolve_model
+from .noise_model import CameraNoise
+from .normalize import VSTNorm
 from .runtime import RUNTIME_CHOICES, Runtime, open_runtime
 from .tiling import input_shape, run_tiled
 
@@ -44,18 +56,21 @@ class ModelEngine:
                               f"{', '.join(RUNTIME_CHOICES)}")
         self.path = resolve_model(model)
         self.card = read_card(self.path)
+        self.norm = self.card.norm()
         if self.card.inputs != 1:
             raise EngineError(f"model {self.path.name} is a {self.card.inputs}-frame "
                               f"{self.card.task} model, not a frame-by-frame enhancer")
         self.digest = file_digest(self.path)
         self.scale = self.card.scale
-        self.norm = self.card.norm()
         self.runtime_kind, self.precision_request = runtime, precision
         self.tile, self.halo = tile, halo
         if tile % self.card.multiple or halo % self.card.multiple or tile <= 2 * halo:
             raise EngineError(f"tile ({tile}) and halo ({halo}) must be multiples of "
                               f"{self.card.multiple} with tile > 2*halo")
         self.runtime: Runtime | None = None
+        self.window = self.card.window
+        self.recent: deque[np.ndarray] = deque(maxlen=self.window)
+        self.noise: CameraNoise | None = None
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
                                runtime="not loaded", precision=precision,
                                scale=self.scale)
@@ -74,19 +89,48 @@ class ModelEngine:
         if self.runtime is not None:
             self.runtime.close()
         self.runtime = open_runtime(self.runtime_kind, self.path, self.card,
-                                    self.precision_request, shape=(1, 1, h, w))
+                                    self.precision_request, shape=(1, self.card.channels, h, w))
+        self.recent.clear()
+        self.noise = CameraNoise(calibration) if isinstance(self.norm, VSTNorm) else None
+        self._set_info()
+
+    def _set_info(self) -> None:
+        noise = self.noise.model.describe() if self.noise and self.noise.model else ""
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
-                               runtime=self.runtime.name, precision=self.runtime.precision,
-                               scale=self.scale)
+                               runtime=self.runtime.name if self.runtime else "not loaded",
+                               precision=self.runtime.precision if self.runtime else "",
+                               scale=self.scale, noise=noise)
+
+    def reset(self) -> None:
+        """Forget the temporal context (a new position, a new sample)."""
+        self.recent.clear()
 
     def process(self, pixels: np.ndarray) -> np.ndarray:
         if self.runtime is None:
             raise EngineError("prepare() must run before process()")
+        if isinstance(self.norm, VSTNorm):
+            return self._process_vst(self.norm, pixels)
         lo, hi = self.norm.bounds(pixels)
         x = normalize.apply(pixels, lo, hi)
         y = run_tiled(x, self.runtime.run, tile=self.tile, halo=self.halo, scale=self.scale,
                       multiple=self.card.multiple)
         return normalize.invert(y, lo, hi)
+
+    def _process_vst(self, norm: VSTNorm, pixels: np.ndarray) -> np.ndarray:
+        assert self.runtime is not None and self.noise is not None
+        if self.recent and self.recent[-1].shape != pixels.shape:
+            self.recent.clear()
+        self.recent.append(pixels.astype(np.float32))
+        before = self.noise.model
+        noise = self.noise.update(list(self.recent))
+        if noise is not before:
+            self._set_info()
+        frames = list(self.recent)
+        frames = [frames[0]] * (self.window - len(frames)) + frames
+        x, lo, span = norm.inputs(np.stack(frames), noise)
+        y = run_tiled(x, self.runtime.run, tile=self.tile, halo=self.halo, scale=self.scale,
+                      multiple=self.card.multiple)
+        return norm.invert(y, noise, lo, span)
 
     def close(self) -> None:
         if self.runtime is not None:

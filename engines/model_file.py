@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .base import EngineError
-from .normalize import PercentileNorm
+from .normalize import PercentileNorm, VSTNorm, from_dict
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "models"
 CARD_KEY = "dimscope.card"
@@ -37,12 +37,19 @@ class ModelCard(BaseModel):
     scale: int = Field(1, ge=1, le=4)
     multiple: int = Field(1, ge=1, description="input height/width must be multiples of this")
     inputs: int = Field(1, ge=1, le=2, description="frames in (2 for interpolation)")
+    window: int = Field(1, ge=1, le=16, description="frames of causal temporal context, "
+                        "oldest first, stacked as channels of the one input")
     normalization: dict[str, Any] = Field(default_factory=lambda: PercentileNorm().as_dict())
     opset: int = 17
     training: dict[str, Any] = Field(default_factory=dict)
 
-    def norm(self) -> PercentileNorm:
-        return PercentileNorm.from_dict(self.normalization)
+    def norm(self) -> PercentileNorm | VSTNorm:
+        return from_dict(self.normalization)
+
+    @property
+    def channels(self) -> int:
+        """Channels of the (first) model input: the window, plus the noise map with VST."""
+        return self.window + int(self.normalization.get("kind") == "vst")
 
 
 def shipped_models() -> list[str]:

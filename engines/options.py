@@ -46,6 +46,20 @@ class InterpolatorOptions(EngineOptions):
     precision: Precision = "auto"
 
 
+class FlowInterpolatorOptions(EngineOptions):
+    """`interpolate.method = "flow"`: classical optical flow (OpenCV DIS), no model file."""
+
+    preset: Literal["ultrafast", "fast", "medium"] = Field(
+        "fast", description="DIS speed/accuracy preset (512², one core here: about 1.5 / 3 / "
+        "15 ms per flow direction)")
+    presmooth: float = Field(
+        1.0, ge=0, le=10, description="Gaussian sigma (pixels) applied to the copies the flow "
+        "is estimated on, not to the output; 0 = off (at low light noise dominates flow error)")
+    tau: float = Field(
+        1.0, gt=0, description="forward-backward flow disagreement (pixels) at which a source "
+        "frame's weight falls to 1/e (occlusions)")
+
+
 #: engine name -> its options model (plugins registered without one take any options)
 ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
     "identity": IdentityOptions,

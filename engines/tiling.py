@@ -46,24 +46,26 @@ def input_shape(height: int, width: int, tile: int, multiple: int, halo: int = 0
 
 def run_tiled(image: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], *, tile: int,
               halo: int, scale: int, multiple: int) -> np.ndarray:
-    """Apply `fn` ((1,1,h,w) float32 -> (1,1,h*scale,w*scale)) to a 2-D image."""
-    height, width = image.shape
+    """Apply `fn` ((1,C,h,w) float32 -> (1,1,h*scale,w*scale)) to a 2-D image or to a
+    (C, H, W) stack of channels (a temporal window), tile by tile; returns 2-D."""
+    stack = image if image.ndim == 3 else image[None]
+    height, width = stack.shape[1:]
     if height <= tile and width <= tile:
         ph, pw = round_up(height, multiple), round_up(width, multiple)
-        padded = np.pad(image, ((0, ph - height), (0, pw - width)), mode="reflect")
-        out = fn(padded[None, None])
+        padded = np.pad(stack, ((0, 0), (0, ph - height), (0, pw - width)), mode="reflect")
+        out = fn(padded[None])
         return np.ascontiguousarray(out[0, 0, :height * scale, :width * scale])
     tile, core = tile_geometry(height, width, tile, halo, multiple)
     ny, nx = -(-height // core), -(-width // core)
     # Mirror-pad so that every tile, border ones included, has full context.
-    padded = np.pad(image, ((halo, ny * core - height + halo), (halo, nx * core - width + halo)),
-                    mode="reflect")
+    padded = np.pad(stack, ((0, 0), (halo, ny * core - height + halo),
+                            (halo, nx * core - width + halo)), mode="reflect")
     out = np.empty((ny * core * scale, nx * core * scale), dtype=np.float32)
     s_core, s_halo = core * scale, halo * scale
     for iy in range(ny):
         for ix in range(nx):
             y0, x0 = iy * core, ix * core
-            result = fn(padded[None, None, y0:y0 + tile, x0:x0 + tile])
+            result = fn(padded[None, :, y0:y0 + tile, x0:x0 + tile])
             out[iy * s_core:(iy + 1) * s_core, ix * s_core:(ix + 1) * s_core] = \
                 result[0, 0, s_halo:s_halo + s_core, s_halo:s_halo + s_core]
     return out[:height * scale, :width * scale]

@@ -143,7 +143,7 @@ def test_eval_sr2_and_interp_write_the_same_json_shape(tmp_path: Path, sr_model:
                "--json", str(tmp_path / "in.json")])
     assert rc == 0
     interp = json.loads((tmp_path / "in.json").read_text())
-    assert {"repeat", "linear", "interp (interp)"} == set(interp)
+    assert {"repeat", "linear", "flow", "interp (interp)"} == set(interp)
     for r in (*sr.values(), *interp.values()):
         assert {"psnr", "ssim", "nrmse", "per_pair"} <= set(r)
     assert len(interp["linear"]["per_pair"]) == 2  # frames 1 and 3 were dropped and rebuilt

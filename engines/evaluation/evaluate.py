@@ -202,15 +202,21 @@ def run_eval_interp(stack: np.ndarray, factor: int, models: list[str], runtime: 
     """Drop frames from a real time-lapse, rebuild them with each method, score them.
 
     Frames 0, f, 2f, ... are kept; each dropped frame k·f + j is reconstructed from
-    its two kept neighbours at t = j/f and compared with the real frame.
+    its two kept neighbours at t = j/f and compared with the real frame. Methods:
+    `repeat`, `linear`, `flow` (classical optical flow, default options) and each model.
     """
     from ..interpolators import make_interpolator
 
     if stack.ndim != 3 or len(stack) < factor + 1:
         raise ValueError(f"need a (T, Y, X) time-lapse with more than {factor} frames, "
                          f"got shape {stack.shape}")
+    # Read-only frames, as the live stage's: `flow` then estimates a pair's flows once
+    # for all its t, so seconds_per_image is what a live run pays.
+    stack = stack.view()
+    stack.flags.writeable = False
     methods: dict[str, Any] = {"repeat": make_interpolator("repeat"),
-                               "linear": make_interpolator("linear")}
+                               "linear": make_interpolator("linear"),
+                               "flow": make_interpolator("flow")}
     for model in models:
         interp = make_interpolator("model", model=model, runtime=runtime)
         methods[f"{interp.info.name} ({Path(str(model)).name})"] = interp

@@ -21,7 +21,7 @@ def export_onnx(net: nn.Module, card: ModelCard, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     net = net.eval().cpu()
     side = 4 * card.multiple
-    example: tuple[torch.Tensor, ...] = tuple(torch.rand(1, 1, side, side)
+    example: tuple[torch.Tensor, ...] = tuple(torch.rand(1, card.channels, side, side)
                                               for _ in range(card.inputs))
     names = [f"frame{i}" for i in range(card.inputs)] if card.inputs > 1 else ["frame"]
     dynamic = {n: {2: "height", 3: "width"} for n in names}
