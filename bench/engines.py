@@ -2,15 +2,19 @@
 
 For each shipped model and frame size: ms/frame of
   1. torch eager FP32, one frame at a time (the way offline tools run a model),
-  2. dimscope's engine (percentile normalisation + OpenVINO, static shape,
-     tiling when the frame exceeds the tile) — end to end, as the engine stage calls it,
+  2. dimscope's engine (normalisation — percentile, or the camera's VST with the
+     temporal window for noise-aware models — + OpenVINO, static shape, tiling when
+     the frame exceeds the tile) — end to end, as the engine stage calls it,
 plus the ratio, and the quality check: PSNR of each against the simulator's
 ground truth (must agree within 0.05 dB) and the max abs difference between them.
 On a machine with an NVIDIA GPU it also runs the CUDA runtime (FP16, CUDA
 graphs) vs torch eager CUDA FP32, and the latency of one frame through upload,
 inference and download. Not a test.
 
-    python bench/engines.py [--sizes 512 2048] [--repeat 10]
+The interpolation model is timed the same way (its interpolator vs eager), with
+the classical `flow` interpolator beside it.
+
+    python bench/engines.py [--sizes 512 2048] [--repeat 10] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dimscope.engines import CameraCalibration, make_engine
 from dimscope.engines import normalize as norm
 from dimscope.engines.evaluation.quality import score
 from dimscope.engines.model_file import read_card
+from dimscope.engines.noise_model import NoiseModel
+from dimscope.engines.normalize import VSTNorm
 from dimscope.engines.runtime import gpu_present
 from dimscope.engines.runtime.pytorch import network_from_file
 
@@ -42,16 +48,55 @@ def sim_frame(size: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
     return raw, truth
 
 
-def eager_runner(net, card):  # type: ignore[no-untyped-def]
-    """Torch eager FP32 on the whole frame, with the same normalisation as the engine."""
+def eager_runner(net, card, cal: CameraCalibration):  # type: ignore[no-untyped-def]
+    """Torch eager FP32 on the whole frame, with the same normalisation as the engine
+    (for a temporal model, the same window the engine builds: here the frame repeated,
+    as at the start of a stream — the same compute as a full window)."""
+    card_norm = card.norm()
 
     @torch.inference_mode()
     def run(frame: np.ndarray) -> np.ndarray:
-        lo, hi = card.norm().bounds(frame)
+        if isinstance(card_norm, VSTNorm):
+            noise = NoiseModel.from_calibration(cal)
+            x, lo, span = card_norm.inputs(np.stack([frame] * card.window), noise)
+            return card_norm.invert(net(torch.from_numpy(x)[None])[0, 0].numpy(), noise, lo,
+                                    span)
+        lo, hi = card_norm.bounds(frame)
         x = torch.from_numpy(norm.apply(frame, lo, hi))[None, None]
         return norm.invert(net(x)[0, 0].numpy(), lo, hi)
 
     return run
+
+
+def interp_bench(sizes: list[int], repeat: int, precision: str) -> None:
+    """The interpolation model through dimscope's interpolator vs torch eager, and `flow`."""
+    from dimscope.engines.interpolators import make_interpolator
+
+    interp = make_interpolator("model", precision=precision)
+    flow = make_interpolator("flow")
+    card = read_card(interp.path)  # type: ignore[attr-defined]
+    net = network_from_file(interp.path, card)  # type: ignore[attr-defined]
+    for size in sizes:
+        spec = Specimen(size, size, seed=7, n_tubules=max(20, size // 6))
+        a, b = (spec.render(spec.state_at(t, 1.0)) * np.float32(200) for t in (1.0, 1.4))
+        a.setflags(write=False)
+        b.setflags(write=False)
+        interp.prepare(a.shape)
+        flow.prepare(a.shape)
+
+        @torch.inference_mode()
+        def eager(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+            lo, hi = card.norm().joint_bounds(*pair)
+            xa, xb = (torch.from_numpy(norm.apply(f, lo, hi))[None, None] for f in pair)
+            return norm.invert(net(xa, xb, torch.full((1, 1, 1, 1), 0.5))[0, 0].numpy(), lo, hi)
+
+        r = max(2, repeat if size <= 1024 else repeat // 4)
+        t_eager, _ = timed(eager, (a, b), r)
+        t_ours, _ = timed(lambda p: interp.between(p[0], p[1], 0.5), (a, b), r)
+        t_flow, _ = timed(lambda p: flow.between(p[0], p[1], 0.5), (a, b), r)
+        print(f"{'interp':<8}{size:>6}{t_eager:>10.1f}{t_ours:>13.1f}{1000 / t_ours:>7.1f}"
+              f"{t_eager / t_ours:>7.2f}   (flow: {t_flow:.1f} ms, {1000 / t_flow:.0f} fps)  "
+              f"{interp.info.runtime}/{interp.info.precision}", flush=True)
 
 
 def timed(fn, arg, repeat: int) -> tuple[float, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -67,7 +112,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--models", nargs="*", default=["denoise", "sr2"])
+    ap.add_argument("--models", nargs="*", default=["denoise", "sr2", "interp"])
+    ap.add_argument("--precision", default="auto", help="fp32, bf16 (where the CPU has it)")
     args = ap.parse_args()
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -75,14 +121,18 @@ def main() -> None:
     print(f"{'model':<8}{'size':>6}{'eager ms':>10}{'dimscope ms':>13}{'fps':>7}{'ratio':>7}"
           f"{'PSNR eager':>12}{'PSNR ours':>11}{'dPSNR':>8}{'max|diff|':>11}  runtime")
     for name in args.models:
-        engine = make_engine(name)
+        if name == "interp":
+            interp_bench(args.sizes, args.repeat, args.precision)
+            continue
+        engine = make_engine(name, precision=args.precision)
         card = read_card(engine.path)  # type: ignore[attr-defined]
         net = network_from_file(engine.path, card)  # type: ignore[attr-defined]
         for size in args.sizes:
             raw, truth = sim_frame(size, card.scale)
-            engine.prepare(raw.shape, raw.dtype, CameraCalibration(2.0, 100.0, 1.6))
+            cal = CameraCalibration(2.0, 100.0, 1.6)
+            engine.prepare(raw.shape, raw.dtype, cal)
 
-            eager = eager_runner(net, card)
+            eager = eager_runner(net, card, cal)
 
             repeat = max(2, args.repeat if size <= 1024 else args.repeat // 4)
             t_eager, out_eager = timed(eager, raw, repeat)

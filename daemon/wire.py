@@ -25,6 +25,8 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         e = frame.engine
         engine = {"name": e.name, "version": e.version, "runtime": e.runtime,
                   "precision": e.precision, "scale": e.scale}
+        if e.noise:  # noise-aware engines: the camera noise model they used, and its origin
+            engine["noise"] = e.noise
     header: dict[str, Any] = {
         "schema": SCHEMA,
         "topic": topic,

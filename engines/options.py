@@ -28,6 +28,16 @@ class VSTGaussianOptions(EngineOptions):
     sigma: float = Field(1.5, gt=0, description="Gaussian sigma (pixels) in the VST domain")
 
 
+class BM3DOptions(EngineOptions):
+    """`bm3d` (one frame) takes no options; the noise model comes from `[camera]` or the data."""
+
+
+class BM4DOptions(EngineOptions):
+    """`bm4d`: the causal window (frames, the newest last) filtered as one volume."""
+
+    window: int = Field(5, ge=2, le=16, description="frames of causal temporal context")
+
+
 class ModelOptions(EngineOptions):
     """`denoise`, `sr2`, `model`: a trained model file run by a runtime."""
 
@@ -64,6 +74,8 @@ class FlowInterpolatorOptions(EngineOptions):
 ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
     "identity": IdentityOptions,
     "vst_gaussian": VSTGaussianOptions,
+    "bm3d": BM3DOptions,
+    "bm4d": BM4DOptions,
     "denoise": ModelOptions,
     "sr2": ModelOptions,
     "model": ModelOptions,

@@ -79,7 +79,7 @@ class ClipSampler:
     def __init__(self, window: int, patch: int, batch: int, images: list[np.ndarray],
                  movies: list[np.ndarray], rng: np.random.Generator,
                  camera: CameraRanges = CameraRanges(), sim_fraction: float = 0.3,
-                 single_fraction: float = 0.2, perturb_fraction: float = 0.3) -> None:
+                 single_fraction: float = 0.15, perturb_fraction: float = 0.3) -> None:
         self.window, self.patch, self.batch_size, self.rng = window, patch, batch, rng
         self.images = [im for im in images if min(im.shape) >= patch + 16]
         self.movies = [m for m in movies if min(m.shape[1:]) >= patch and len(m) >= 2]
@@ -113,7 +113,7 @@ class ClipSampler:
     def _moved_image_clip(self) -> np.ndarray:
         img = self.images[int(self.rng.integers(len(self.images)))]
         p, k = self.patch, self.window
-        speed = 0.0 if self.rng.random() < 0.25 else float(np.exp(self.rng.uniform(-2.5, 1.2)))
+        speed = 0.0 if self.rng.random() < 0.35 else float(np.exp(self.rng.uniform(-2.5, 1.2)))
         angle = self.rng.uniform(0, 2 * np.pi)
         v = speed * np.array([np.sin(angle), np.cos(angle)])
         path = np.arange(k)[:, None] * v[None] + self.rng.normal(0, 0.15 * min(speed, 1.0),
@@ -163,7 +163,7 @@ class ClipSampler:
         r = rng.random()
         if r < self.single_fraction:
             present = 1
-        elif r < self.single_fraction + 0.15 and self.window > 2:
+        elif r < self.single_fraction + 0.1 and self.window > 2:
             present = int(rng.integers(2, self.window + 1))
         photons = float(np.exp(rng.uniform(*np.log(c.photons))))
         read = rng.uniform(*c.read_noise_e)
