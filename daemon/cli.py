@@ -349,12 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", type=Path)
     c.set_defaults(func=cmd_check_config)
 
-    from .cli_enhance import add_enhance_parser
+    from .cli_enhance import add_adapt_parser, add_enhance_parser
     from .cli_models import add_eval_parser, add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
     add_enhance_parser(sub)
+    add_adapt_parser(sub)
 
     rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
     rc.add_argument("run_dir", type=Path)

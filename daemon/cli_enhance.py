@@ -7,6 +7,11 @@ N−1 synthesised frames per interval with `--interpolate N`. The camera's noise
 model comes from `--offset/--gain/--read-noise`, or is estimated from the stack
 and printed. Provenance (engine, model version, noise model, command) goes in
 the TIFF's description and a JSON file beside it.
+
+With `--adapt` the noise-aware model is first adapted to the stack itself
+(self-supervised, `--adapt-seconds`, as live adaptation would for that long) and the
+stack is enhanced with the adapted model, kept as OUT.adapted.onnx.
+`dimscope adapt RUN_DIR_OR_TIFF --out model.onnx` only adapts and writes the model.
 """
 
 from __future__ import annotations
@@ -61,26 +66,114 @@ class _Progress:
             self.bar.close()
 
 
-def cmd_enhance(args: argparse.Namespace) -> int:
-    from dimscope.engines import CameraCalibration, EngineError, make_engine
-    from dimscope.engines.interpolators import make_interpolator
+def _read_series(path: Path) -> list[np.ndarray]:
+    """(T, Y, X) time series of a TIFF stack (one per channel), or of a run folder: each
+    raw_*.ome.tif file one series, memory-mapped (a long run need not fit in memory)."""
+    from dimscope.engines.offline import as_series
+
+    if not path.is_dir():
+        return list(as_series(_read(path))[0])
+    files = sorted(path.glob("raw_*.ome.tif"))
+    if not files:
+        raise ValueError(f"{path}: a folder without raw_*.ome.tif files (not a run folder)")
+    import tifffile
+
+    out = []
+    for f in files:
+        data: np.ndarray
+        try:
+            data = tifffile.memmap(f, mode="r")
+        except (ValueError, OSError):  # not contiguous: read it
+            data = _read(f)
+        out.append(data[None] if data.ndim == 2 else data)
+    return out
+
+
+def _noise_of(args: argparse.Namespace, series: Any) -> tuple[Any, Any]:
+    """(noise model, calibration) from --gain/--offset/--read-noise, else from the stack."""
+    from dimscope.engines import CameraCalibration
     from dimscope.engines.noise_model import NoiseModel, estimate_noise_model
-    from dimscope.engines.offline import as_series, calibration_for, enhance_stack
+    from dimscope.engines.offline import calibration_for
+
+    if args.gain is not None or args.offset is not None:
+        if args.gain is None or args.offset is None:
+            raise ValueError("give both --gain and --offset (and --read-noise), or none: "
+                             "then the noise model is estimated from the stack")
+        cal = CameraCalibration(args.gain, args.offset, args.read_noise or 0.0)
+        return NoiseModel.from_calibration(cal), cal
+    noise = estimate_noise_model(np.asarray(series[0][:8], dtype=np.float32))
+    return noise, calibration_for(noise)
+
+
+def _adaptable_model(engine: str, model: str | None) -> Path:
+    """The model file `--adapt` would adapt; ValueError naming why it cannot."""
+    from dimscope.engines.adaptation import check_adaptable
+    from dimscope.engines.model_file import read_card, resolve_model
+
+    if engine not in ("denoise", "model"):
+        raise ValueError(f"--adapt needs a noise-aware denoising model (engine denoise or "
+                         f"model); engine {engine!r} cannot be adapted")
+    path = resolve_model(model or engine)
+    check_adaptable(read_card(path), path)
+    return path
+
+
+def _adapt(series: Any, model: Path, noise: Any, seconds: float, rounds: int | None,
+           keep: Path, quiet: bool) -> Any:
+    """Adapt `model` to the stack's series; the adapted file (if any round lowered the
+    held-back loss) is copied to `keep` (+ its card .json)."""
+    import shutil
+    import tempfile
+
+    from dimscope.engines.offline import adapt_stack
+
+    def show(report: Any) -> None:
+        if not quiet:
+            print(f"adapt {report.describe()}" + (f" -> {report.version}" if report.improved
+                                                  else ""), file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="dimscope-adapt-") as tmp:
+        result = adapt_stack(list(series), model, Path(tmp), noise, seconds,
+                             max_rounds=rounds, on_round=show)
+        if result.adapted:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(result.path, keep)
+            shutil.copyfile(result.path.with_suffix(".json"), keep.with_suffix(".json"))
+            result = type(result)(keep, result.version, result.reports, result.seconds)
+    done = f"{result.rounds} rounds, {result.steps} steps, {result.seconds:.0f} s"
+    if result.adapted:
+        print(f"adaptation: held-back loss {result.loss_before:.5f} -> {result.loss_after:.5f} "
+              f"({result.loss_after / result.loss_before - 1:+.2%}), {done}; adapted model "
+              f"{result.version}: {keep}", file=sys.stderr)
+    else:
+        print(f"adaptation: the held-back loss did not fall by the margin ({done}); no "
+              f"adapted model, {result.version} stays", file=sys.stderr)
+    return result
+
+
+def _adaptation_record(result: Any) -> dict[str, Any]:
+    return {"version": result.version, "model": str(result.path),
+            "adapted": result.adapted, "rounds": result.rounds, "steps": result.steps,
+            "seconds": round(result.seconds, 1), "loss_before": result.loss_before,
+            "loss_after": result.loss_after}
+
+
+def cmd_enhance(args: argparse.Namespace) -> int:
+    from dimscope.engines import EngineError, make_engine
+    from dimscope.engines.interpolators import make_interpolator
+    from dimscope.engines.offline import as_series, enhance_stack
     from dimscope.engines.options import validate_options
 
+    adapt_model: Path | None = None
     try:
         stack = _read(args.input)
         series, _ = as_series(stack)
-        if args.gain is not None or args.offset is not None:
-            if args.gain is None or args.offset is None:
-                raise ValueError("give both --gain and --offset (and --read-noise), or none: "
-                                 "then the noise model is estimated from the stack")
-            cal = CameraCalibration(args.gain, args.offset, args.read_noise or 0.0)
-            noise = NoiseModel.from_calibration(cal)
-        else:
-            noise = estimate_noise_model(series[0, :8].astype(np.float32))
-            cal = calibration_for(noise)
+        noise, cal = _noise_of(args, series)
         print(f"noise model: {noise.describe()}", file=sys.stderr)
+        if args.adapt:
+            if args.adapt_seconds <= 0:
+                raise ValueError(f"--adapt-seconds must be > 0, got {args.adapt_seconds:g}")
+            adapt_model = _adaptable_model(args.engine, args.model)
         engine_name = None if args.engine == "none" else args.engine
         options: dict[str, Any] = {}
         if args.model:
@@ -96,12 +189,23 @@ def cmd_enhance(args: argparse.Namespace) -> int:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    started = time.monotonic()
+    adaptation = None
+    if adapt_model is not None:
+        keep = args.adapt_out or args.output.with_suffix(".adapted.onnx")
+        try:
+            adaptation = _adapt(series, adapt_model, noise, args.adapt_seconds,
+                                args.adapt_rounds, keep, args.quiet)
+        except (EngineError, OSError) as exc:
+            print(f"dimscope: adaptation failed: {exc}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        options["model"] = str(adaptation.path)
+
     def factory() -> Any:
         assert engine_name is not None
         return make_engine(engine_name, **options)
 
     progress = _Progress(series.shape[0] * series.shape[1], args.quiet)
-    started = time.monotonic()
     try:
         result = enhance_stack(stack, factory if engine_name else None, interpolator,
                                args.interpolate, cal, tick=progress)
@@ -123,6 +227,8 @@ def cmd_enhance(args: argparse.Namespace) -> int:
         "noise_model": {"alpha": noise.alpha, "beta": noise.beta, "source": noise.source},
         "seconds": round(seconds, 2), "command": " ".join(["dimscope", *sys.argv[1:]]),
     }
+    if adaptation is not None:
+        provenance["adaptation"] = _adaptation_record(adaptation)
     import tifffile
 
     try:
@@ -159,5 +265,53 @@ def add_enhance_parser(sub: Any) -> None:
     e.add_argument("--offset", type=float, default=None, help="camera offset (ADU)")
     e.add_argument("--gain", type=float, default=None, help="camera gain (ADU per e-)")
     e.add_argument("--read-noise", type=float, default=None, help="read noise (e- rms)")
+    e.add_argument("--adapt", action="store_true",
+                   help="first adapt the noise-aware model to this stack (self-supervised), "
+                        "then enhance with the adapted model")
+    e.add_argument("--adapt-seconds", type=float, default=60.0,
+                   help="time adaptation gets (default 60)")
+    e.add_argument("--adapt-rounds", type=int, default=None,
+                   help="at most this many rounds of adaptation")
+    e.add_argument("--adapt-out", type=Path, default=None,
+                   help="where the adapted model goes (default OUT.adapted.onnx)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_enhance)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from dimscope.engines import EngineError
+
+    try:
+        if args.seconds <= 0:
+            raise ValueError(f"--seconds must be > 0, got {args.seconds:g}")
+        series = _read_series(args.input)
+        noise, _ = _noise_of(args, series)
+        print(f"noise model: {noise.describe()}", file=sys.stderr)
+        model = _adaptable_model("model", args.model)
+    except (ValueError, EngineError, FileNotFoundError) as exc:
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result = _adapt(series, model, noise, args.seconds, args.rounds, args.out, args.quiet)
+    except (EngineError, OSError) as exc:
+        print(f"dimscope: adaptation failed: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    if not result.adapted:
+        return EXIT_RUN_FAILED
+    print(f"wrote {args.out} ({result.version})")
+    return EXIT_OK
+
+
+def add_adapt_parser(sub: Any) -> None:
+    a = sub.add_parser("adapt", help="adapt a noise-aware denoiser to a recording "
+                       "(self-supervised, no clean data) and write the adapted model")
+    a.add_argument("input", type=Path, help="a TIFF time-lapse or a run folder (raw_*.ome.tif)")
+    a.add_argument("--out", type=Path, required=True, help="adapted model (.onnx; card beside)")
+    a.add_argument("--model", default="denoise", help="model to adapt: shipped name or .onnx")
+    a.add_argument("--seconds", type=float, default=60.0, help="time adaptation gets")
+    a.add_argument("--rounds", type=int, default=None, help="at most this many rounds")
+    a.add_argument("--offset", type=float, default=None, help="camera offset (ADU)")
+    a.add_argument("--gain", type=float, default=None, help="camera gain (ADU per e-)")
+    a.add_argument("--read-noise", type=float, default=None, help="read noise (e- rms)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no per-round lines")
+    a.set_defaults(func=cmd_adapt)

@@ -119,6 +119,10 @@ class EngineConfig(StrictModel):
         "over it: faster tier, then skip (see README: Latency budgets)")
     tiers: tuple[TierConfig, ...] = Field(
         (), description="faster fallbacks, in order, used when the budget is not met")
+    adapt: bool = Field(
+        False, description="fine-tune the noise-aware denoiser on the sample while it runs "
+        "(self-supervised, in a low-priority child process; needs torch) and swap in the "
+        "adapted weights when their held-back loss falls")
 
     @model_validator(mode="after")
     def _model_named(self) -> EngineConfig:
@@ -126,7 +130,32 @@ class EngineConfig(StrictModel):
         if self.name == "model" and "model" not in self.options:
             raise ValueError("engine 'model' needs options.model: a shipped model name or an "
                              ".onnx path (on the command line: --model)")
+        if self.adapt:
+            _check_adaptable(self.name, dict(self.options))
         return self
+
+
+def _check_adaptable(name: str, options: dict[str, Any]) -> None:
+    """ValueError unless `adapt` can work on this engine: a model engine whose model is a
+    noise-aware (VST) denoiser. A model file that cannot be read here is left to the
+    engine's own load, which names the problem."""
+    if name not in ("denoise", "model"):
+        raise ValueError(f"adapt = true needs a noise-aware denoising model (engine 'denoise' "
+                         f"or 'model' with a model whose card has normalization 'vst'); engine "
+                         f"{name!r} is not a trained model and cannot be adapted")
+    from dimscope.engines import EngineError
+    from dimscope.engines.adaptation import check_adaptable
+    from dimscope.engines.model_file import read_card, resolve_model
+
+    try:
+        path = resolve_model(str(options.get("model", name)))
+        card = read_card(path)
+    except EngineError:
+        return
+    try:
+        check_adaptable(card, path)
+    except EngineError as exc:
+        raise ValueError(f"adapt = true: {exc}") from None
 
 
 InterpolateMethod = Literal["model", "flow", "linear", "repeat"]

@@ -18,14 +18,31 @@ this order:
    so enhancement resumes by itself when the machine has room again.
 3. frames enhanced but published past the budget are counted in `late`
    (header `budget: "missed"`; those within it say `budget: "met"`).
+
+Live adaptation (`[engine] adapt = true`, main engine only): every frame the stage
+receives — also those its queue or the budget skip — is offered to an
+`engines.adaptation.Adapter` (a copy into a shared ring, on the acquisition thread,
+never waiting), which fine-tunes the model in a low-priority child process. Between
+frames the stage takes finished rounds; adapted weights that are ready are compiled on a
+helper thread and swapped in between two frames (`ModelEngine.install`), so no frame waits
+on compilation. Counted in `adapt_rounds`, `adapt_swaps`, `adapt_version`,
+`adapt_frames_used` and `adapt_frames_dropped` (frames the adapter never trained on: it
+samples the stream; in an MDA it takes one position/channel/z, the first one's); each
+swap is logged with the held-back loss before and after.
+Adaptation that cannot start or stops is logged and reported (`adapt_error`);
+enhancement goes on with the model in service.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +50,10 @@ from dimscope.engines import CameraCalibration, Engine, EngineError
 
 from .frame import BudgetOutcome, Frame, freeze
 from .stage import OverflowPolicy, Stage
+
+if TYPE_CHECKING:
+    from dimscope.engines.adaptation import Adapter, RoundReport
+    from dimscope.engines.model_engine import ModelEngine, ModelReplacement
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +75,8 @@ class EngineStage(Stage):
     def __init__(self, engine: Engine, calibration: CameraCalibration, queue_frames: int,
                  budget_ms: float | None = None,
                  tiers: Sequence[tuple[str, Callable[[], Engine]]] = (),
-                 name: str = "engine") -> None:
+                 name: str = "engine", adapt_dir: Path | None = None) -> None:
+        """`adapt_dir`: adapt the engine's model live, writing adapted files there."""
         super().__init__(name, queue_frames, OverflowPolicy.DROP_OLDEST)
         self.engine = engine
         self.calibration = calibration
@@ -68,6 +90,100 @@ class EngineStage(Stage):
         self._recent: deque[float] = deque(maxlen=TIER_WINDOW)
         self._prepared_for: tuple[tuple[int, ...], str] | None = None
         self._consecutive_errors = 0
+        self.adapt_dir = adapt_dir
+        self.adapter: Adapter | None = None
+        self._adapted: ModelEngine | None = None  # the engine whose model is adapted
+        self.adapt_swaps = 0
+        self.adapt_version: str | None = None
+        self.adapt_error: str | None = None
+        self._adapt_ready: RoundReport | None = None  # newest report with a file to compile
+        self._compiling: tuple[RoundReport, Future[ModelReplacement]] | None = None
+        self._compiler: ThreadPoolExecutor | None = None
+        self._adapt_series: tuple[tuple[str, int], ...] | None = None
+
+    # -- live adaptation -------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.adapt_dir is None:
+            return
+        try:
+            from dimscope.engines.adaptation import Adapter
+            from dimscope.engines.model_engine import ModelEngine
+
+            engine = self.engine
+            if not isinstance(engine, ModelEngine) or engine.frame_shape is None:
+                raise EngineError(f"engine {engine.info.name!r} is not a prepared model engine")
+            shape = engine.frame_shape
+            self.adapter = Adapter(engine.path, self.adapt_dir, (shape[0], shape[1]))
+            self.adapter.start()
+            self._adapted = engine
+        except (EngineError, OSError, ImportError) as exc:
+            self._stop_adapting(f"adaptation is not running (enhancement goes on): {exc}")
+            return
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix=f"dimscope-{self.name}-swap")
+        self.adapt_version = self.engine.info.version
+        log.info("adaptation: %s is adapted live; adapted files go to %s",
+                 self.engine.info.name, self.adapt_dir)
+
+    def offer(self, frame: Frame, wait_s: float = 0.0) -> None:
+        adapter = self.adapter
+        if adapter is not None:  # every frame, before the queue's policy may drop it
+            # One time series only: in an MDA, the position/channel/z of the first frame
+            # (a frame of another one is no Noise2Noise target for this one).
+            where = tuple(sorted((k, v) for k, v in frame.mda_index.items() if k != "t"))
+            if self._adapt_series is None:
+                self._adapt_series = where
+            if where == self._adapt_series:
+                adapter.offer(frame.pixels)
+            else:
+                adapter.refused += 1
+        super().offer(frame, wait_s)
+
+    def _stop_adapting(self, why: str, wait_s: float = 0.5) -> None:
+        self.adapt_error = why
+        log.error("%s", why)
+        if self.adapter is not None:
+            self.adapter.close(wait_s)
+
+    def _adapt_tick(self) -> None:
+        """Between frames: take finished rounds, compile the newest adapted file off this
+        thread, swap it in once compiled."""
+        adapter, engine = self.adapter, self._adapted
+        if adapter is None or engine is None or self.adapt_error is not None:
+            return
+        if self.tier != 0 or engine is not self.engine:
+            self._stop_adapting("adaptation stopped: a faster tier replaced the adapted model")
+            return
+        if engine.noise is not None and engine.noise.model is not None:
+            adapter.set_noise(engine.noise.model)
+        for report in adapter.poll():
+            log.debug("adaptation %s", report.describe())
+            if report.path is not None:
+                self._adapt_ready = report
+        if adapter.error is not None:
+            self._stop_adapting(f"adaptation stopped (the model in service stays): "
+                                f"{adapter.error}")
+            return
+        if self._compiling is None and self._adapt_ready is not None:
+            report, self._adapt_ready = self._adapt_ready, None
+            assert self._compiler is not None and report.path is not None
+            self._compiling = (report, self._compiler.submit(engine.load_replacement,
+                                                             Path(report.path)))
+        if self._compiling is not None and self._compiling[1].done():
+            (report, future), self._compiling = self._compiling, None
+            try:
+                engine.install(future.result())
+            except Exception as exc:  # a bad file or a shape change: keep the model in service
+                log.error("adaptation: could not swap in %s: %s", report.path, exc)
+                return
+            self.adapt_swaps += 1
+            self.adapt_version = self.engine.info.version
+            log.info("adaptation: swapped in %s (%s): held-back loss %.5f -> %.5f (%+.2f%%), "
+                     "%d steps on %d frames", Path(str(report.path)).name, self.adapt_version,
+                     report.loss_served, report.loss_adapted, 100 * report.change,
+                     report.total_steps, report.frames_used)
+
+    def idle(self) -> None:
+        self._adapt_tick()
 
     def _ensure_prepared(self, frame: Frame) -> None:
         key = (frame.shape, frame.dtype.str)
@@ -100,6 +216,8 @@ class EngineStage(Stage):
                     self.budget_ms, slow_ms, self.tier, name)
 
     def process(self, frame: Frame) -> None:
+        if self.adapter is not None:
+            self._adapt_tick()
         self._ensure_prepared(frame)
         started = frame.marked("engine_start")
         if self.budget_ms is not None:
@@ -148,7 +266,21 @@ class EngineStage(Stage):
         snap = super().snapshot()
         snap.update({"budget_ms": self.budget_ms, "tier": self.tier, "tier_name": self.tier_name,
                      "tier_changes": self.tier_changes, "skipped": self.skipped})
+        if self.adapt_dir is not None:
+            a = self.adapter
+            snap.update({"adapt_rounds": a.rounds if a else 0, "adapt_swaps": self.adapt_swaps,
+                         "adapt_version": self.adapt_version,
+                         "adapt_frames_used": a.frames_used if a else 0,
+                         "adapt_frames_dropped": a.frames_dropped if a else 0,
+                         "adapt_error": self.adapt_error})
         return snap
 
     def teardown(self) -> None:
+        if self.adapter is not None:
+            self.adapter.close()
+        if self._compiler is not None:
+            self._compiler.shutdown(wait=True, cancel_futures=True)
+            if self._compiling is not None and self._compiling[1].done():
+                with contextlib.suppress(Exception):  # compiled but never installed
+                    self._compiling[1].result().runtime.close()
         self.engine.close()

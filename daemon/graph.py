@@ -124,8 +124,11 @@ def _archive(node: Any, ctx: BuildContext) -> Stage:
 
 def _engine(node: EngineNodeConfig, ctx: BuildContext) -> Stage:
     engine = ctx.engines.get(node.name) or load_engine(node.engine, dict(node.options), ctx)
+    # `[engine] adapt` adapts the main engine's model; its files are kept with the run.
+    adapt = node.name == "engine" and ctx.config.engine.adapt
     return EngineStage(engine, ctx.calibration, node.queue_frames, budget_ms=node.budget_ms,
-                       tiers=tier_factories(node.tiers, ctx.calibration), name=node.name)
+                       tiers=tier_factories(node.tiers, ctx.calibration), name=node.name,
+                       adapt_dir=ctx.run_dir / "adapted" if adapt else None)
 
 
 def _publish(node: PublishNodeConfig, ctx: BuildContext) -> Stage:

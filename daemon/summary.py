@@ -50,6 +50,14 @@ class StageStats(_Report):
     tier_name: str | None = None
     tier_changes: int | None = None
     skipped: int | None = None
+    adapt_rounds: int | None = Field(None, description="live adaptation: rounds finished")
+    adapt_swaps: int | None = Field(None, description="adapted models swapped in")
+    adapt_version: str | None = Field(None, description="model version in service")
+    adapt_frames_used: int | None = Field(None, description="frames adaptation trained or "
+                                          "validated on")
+    adapt_frames_dropped: int | None = Field(None, description="frames offered to adaptation "
+                                             "that it never used (it samples the stream)")
+    adapt_error: str | None = Field(None, description="why adaptation is not running")
 
 
 class EngineReport(_Report):

@@ -13,11 +13,18 @@ Two kinds of model cards:
   and restores the newest from all of them — causal, so no frame of latency is
   added. Until K frames have arrived (and for a single image) the window is
   padded with the oldest frame present, as in training.
+
+Hot swap (live adaptation): `load_replacement(path)` compiles another file of the
+same architecture for the shape and runtime in service, touching nothing in service
+(any thread); `install()` then swaps it in between two frames, keeping the temporal
+window and the noise model; `info.version` becomes the new card's, so every later
+frame's header names it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,7 @@ import numpy as np
 
 from . import normalize
 from .base import CameraCalibration, EngineError, EngineInfo
-from .model_file import file_digest, read_card, resolve_model
+from .model_file import ModelCard, file_digest, read_card, resolve_model
 from .noise_model import CameraNoise
 from .normalize import VSTNorm
 from .runtime import RUNTIME_CHOICES, Runtime, open_runtime
@@ -40,6 +47,18 @@ def fixed_input_dims(path: Path) -> tuple[int | None, int | None]:
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return (values[2], values[3]) if len(values) == 4 else (None, None)
+
+
+@dataclass(frozen=True)
+class ModelReplacement:
+    """A model file compiled for the engine's shape and runtime, ready to `install`."""
+
+    path: Path
+    card: ModelCard
+    digest: str
+    runtime: Runtime
+    #: the runtime input shape it was compiled for
+    shape: tuple[int, int, int, int]
 
 
 class ModelEngine:
@@ -68,6 +87,9 @@ class ModelEngine:
             raise EngineError(f"tile ({tile}) and halo ({halo}) must be multiples of "
                               f"{self.card.multiple} with tile > 2*halo")
         self.runtime: Runtime | None = None
+        self._runtime_shape: tuple[int, int, int, int] | None = None
+        #: the camera frame shape `prepare` was given
+        self.frame_shape: tuple[int, ...] | None = None
         self.window = self.card.window
         self.recent: deque[np.ndarray] = deque(maxlen=self.window)
         self.noise: CameraNoise | None = None
@@ -88,8 +110,10 @@ class ModelEngine:
                 f"height/width (`dimscope train` does) or set tile to match")
         if self.runtime is not None:
             self.runtime.close()
+        self._runtime_shape = (1, self.card.channels, h, w)
+        self.frame_shape = tuple(shape)
         self.runtime = open_runtime(self.runtime_kind, self.path, self.card,
-                                    self.precision_request, shape=(1, self.card.channels, h, w))
+                                    self.precision_request, shape=self._runtime_shape)
         self.recent.clear()
         self.noise = CameraNoise(calibration) if isinstance(self.norm, VSTNorm) else None
         self._set_info()
@@ -100,6 +124,44 @@ class ModelEngine:
                                runtime=self.runtime.name if self.runtime else "not loaded",
                                precision=self.runtime.precision if self.runtime else "",
                                scale=self.scale, noise=noise)
+
+    def load_replacement(self, path: Path) -> ModelReplacement:
+        """`path` compiled for the shape and runtime in service; nothing in service changes,
+        so this may run on another thread while frames are processed. EngineError if the
+        file cannot take this model's place (another architecture, window or normalisation)."""
+        if self.runtime is None or self._runtime_shape is None:
+            raise EngineError("prepare() must run before a model can be swapped in")
+        card = read_card(path)
+        same = ("task", "arch", "hparams", "scale", "multiple", "inputs", "window",
+                "normalization")
+        differ = [k for k in same if getattr(card, k) != getattr(self.card, k)]
+        if differ:
+            raise EngineError(f"model {path.name} cannot replace {self.path.name}: its "
+                              f"{', '.join(differ)} differ")
+        # The runtime actually in service (what `auto` chose), at the same precision request.
+        kind = self.runtime.name if self.runtime.name in RUNTIME_CHOICES else self.runtime_kind
+        runtime = open_runtime(kind, path, card, self.precision_request,
+                               shape=self._runtime_shape)
+        return ModelReplacement(path, card, file_digest(path), runtime, self._runtime_shape)
+
+    def install(self, new: ModelReplacement) -> None:
+        """Put a compiled replacement in service (call between frames, on the thread that
+        calls `process`); the temporal window and the noise model are kept."""
+        if new.shape != self._runtime_shape:  # the camera's shape changed meanwhile
+            new.runtime.close()
+            raise EngineError(f"model {new.path.name} was compiled for {new.shape}, the "
+                              f"engine now runs {self._runtime_shape}")
+        old = self.runtime
+        self.path, self.card, self.digest, self.runtime = new.path, new.card, new.digest, \
+            new.runtime
+        self._set_info()
+        if old is not None and old is not new.runtime:
+            old.close()
+
+    def swap_model(self, path: Path) -> None:
+        """Compile `path` (see `load_replacement`), then swap it in: one step, for callers
+        that own the engine's thread."""
+        self.install(self.load_replacement(path))
 
     def reset(self) -> None:
         """Forget the temporal context (a new position, a new sample)."""

@@ -42,6 +42,9 @@ class ModelCard(BaseModel):
     normalization: dict[str, Any] = Field(default_factory=lambda: PercentileNorm().as_dict())
     opset: int = 17
     training: dict[str, Any] = Field(default_factory=dict)
+    #: how well it does on data it never saw (e.g. the leave-one-fold-out table of
+    #: bench/generalization.py for the same recipe), copied in after training
+    evaluation: dict[str, Any] = Field(default_factory=dict)
 
     def norm(self) -> PercentileNorm | VSTNorm:
         return from_dict(self.normalization)
