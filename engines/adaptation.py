@@ -113,6 +113,9 @@ class AdaptSettings:
     #: priority already yields to the daemon; this also bounds what it takes from shared
     #: caches and memory bandwidth)
     cpu_share: float = 1.0
+    #: run the child at idle CPU priority (live); tests that must see a swap on a machine
+    #: busy with other work turn it off, since an idle-priority process may get no CPU there
+    idle_priority: bool = True
     #: training steps between collections of new frames from the ring
     collect_every: int = 10
     seed: int = 0
@@ -522,12 +525,12 @@ def _child_entry() -> None:
     report fd; its settings come as the first command."""
     from multiprocessing.connection import Connection
 
-    priority = _lower_priority()
     ring_fd, command_fd, report_fd = (int(a) for a in sys.argv[1:4])
     commands, reports = Connection(command_fd, writable=False), Connection(report_fd,
                                                                            readable=False)
     try:
         _, init = commands.recv()
+        priority = _lower_priority() if init["settings"].idle_priority else "normal priority"
         import torch
 
         torch.set_num_threads(1)

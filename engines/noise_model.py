@@ -93,14 +93,17 @@ def _detail(image: np.ndarray) -> np.ndarray:
 
 def _block_stats(mean_img: np.ndarray, noise_img: np.ndarray, valid: np.ndarray, block: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Per block: mean level and sample variance of the noise image; valid blocks only."""
+    """Per block: mean level and sample variance of the noise image, for the blocks whose
+    `valid` share (1 = good pixel, 0 = clipped at the floor, large negative = saturated)
+    is at least 3/4: a dark background often sits partly at zero, a saturated pixel spoils
+    its block."""
     h, w = (s - s % block for s in mean_img.shape)
 
     def blocks(a: np.ndarray) -> np.ndarray:
         return a[:h, :w].reshape(h // block, block, w // block, block).swapaxes(1, 2).reshape(
             -1, block * block)
 
-    m, d, ok = blocks(mean_img), blocks(noise_img), blocks(valid).all(axis=1)
+    m, d, ok = blocks(mean_img), blocks(noise_img), blocks(valid).mean(axis=1) >= 0.75
     return m.mean(axis=1)[ok], d.var(axis=1, ddof=1)[ok]
 
 
@@ -144,7 +147,9 @@ def estimate_noise_model(frames: np.ndarray, block: int = 8) -> NoiseModel:
     `frames`: one 2-D frame or a stack (T, H, W) in acquisition order. With two or more
     frames the noise is read from differences of consecutive frames (structure cancels where
     the sample holds still; moving blocks are outliers the fit discards); with one frame from
-    a Laplacian detail image. Saturated and zero-clipped pixels are left out.
+    a Laplacian detail image. Blocks with saturated pixels or mostly clipped at the floor are
+    left out; a frame with too few good blocks (flat, a closed shutter) gets constant noise at
+    its measured level, so an engine never fails on it.
     """
     stack = np.asarray(frames, dtype=np.float32)
     if stack.ndim == 2:
@@ -153,26 +158,37 @@ def estimate_noise_model(frames: np.ndarray, block: int = 8) -> NoiseModel:
         raise ValueError(f"noise estimation needs frames of at least {2 * block}² pixels, "
                          f"got shape {np.shape(frames)}")
     top, bottom = float(stack.max()), float(stack.min())
+
+    def quality(*frames: np.ndarray) -> np.ndarray:
+        q = np.ones(frames[0].shape, np.float32)
+        for f in frames:
+            q[f <= bottom] = 0.0
+        for f in frames:
+            q[f >= top] = -1e6
+        return q
+
     levels_all, vars_all = [], []
     # Consecutive frames that are exact copies (a repeated image) carry no noise difference.
     pairs = [(stack[i], stack[i + 1]) for i in range(min(len(stack) - 1, 8))
              if not np.array_equal(stack[i], stack[i + 1])]
     if pairs:
         for a, b in pairs:
-            valid = (a < top) & (b < top) & (a > bottom) & (b > bottom)
             mean_img = uniform_filter((a + b) * 0.5, 3)
-            lv, var = _block_stats(mean_img, (b - a) / np.sqrt(2.0), valid, block)
+            lv, var = _block_stats(mean_img, (b - a) / np.sqrt(2.0), quality(a, b), block)
             levels_all.append(lv)
             vars_all.append(var)
     else:
         a = stack[0]
-        valid = (a < top) & (a > bottom)
-        lv, var = _block_stats(uniform_filter(a, 3), _detail(a), valid, block)
+        lv, var = _block_stats(uniform_filter(a, 3), _detail(a), quality(a), block)
         levels_all.append(lv)
         vars_all.append(var)
     levels, variances = np.concatenate(levels_all), np.concatenate(vars_all)
-    if levels.size < 8:
-        raise ValueError("noise estimation: too few unsaturated blocks in the frames")
+    if levels.size < 8:  # flat, saturated or clipped almost everywhere (a closed shutter)
+        detail = _detail(stack[-1])
+        level = float(np.median(stack[-1]))
+        var0 = float((1.4826 * np.median(np.abs(detail - np.median(detail)))) ** 2) or 1.0
+        alpha = 1e-3 * var0 / max(abs(level), 1.0)
+        return NoiseModel(alpha=alpha, beta=var0 - alpha * level, source="estimated")
     # Moving structure (differences) and edges (detail image) only add variance: the median
     # of a level's blocks is robust to a minority of moving blocks; a single frame's detail
     # image has edges in most textured blocks, so a lower quantile there.

@@ -178,32 +178,38 @@ def test_live_adaptation_swaps_the_model_in_a_running_pipeline_and_loses_no_raw_
     from dimscope.daemon.pipeline import Pipeline
 
     monkeypatch.setattr(adaptation_module, "LIVE_SETTINGS",
-                        replace(AdaptSettings(), lr=1e-3, steps_per_round=20, collect_every=5))
+                        replace(AdaptSettings(), lr=1e-3, steps_per_round=20, collect_every=5,
+                                idle_priority=False))
     cfg = make_config(tmp_path, engine={"name": "model", "adapt": True, "options": {
         "model": str(models["untrained"]), "runtime": "openvino"}})
     pipeline = Pipeline(cfg)
     pipeline.start()
-    recorder = Recorder(pipeline.publish_endpoint or "", ["enhanced"])
-    stage = pipeline.stage("engine")
-    assert stage is not None
-    deadline = time.monotonic() + 25  # the child starts torch: seconds on a busy machine
-    swapped_at = None
-    while time.monotonic() < deadline:
-        pipeline.wait(duration_s=0.25)
-        swapped = stage.snapshot()["adapt_swaps"]
-        if swapped and swapped_at is None:
-            swapped_at = time.monotonic()
-        if swapped_at is not None and time.monotonic() > swapped_at + 1.5:
-            break
-    adapter = stage.adapter  # type: ignore[attr-defined]
-    assert adapter is not None and adapter.alive and swapped_at is not None
-    # Adaptation dying (here: killed) is reported; enhancement goes on with the model in
-    # service.
-    os.kill(adapter._process.pid, signal.SIGKILL)
-    passed = stage.counters.passed
-    pipeline.wait(duration_s=1.5)
-    assert "exited" in str(stage.snapshot()["adapt_error"])
-    assert stage.counters.passed > passed + 10
+    try:
+        recorder = Recorder(pipeline.publish_endpoint or "", ["enhanced"])
+        stage = pipeline.stage("engine")
+        assert stage is not None
+        # A cap, not a timing claim: the child starts torch and trains (seconds when busy).
+        deadline = time.monotonic() + 90
+        swapped_at = None
+        while time.monotonic() < deadline:
+            pipeline.wait(duration_s=0.25)
+            swapped = stage.snapshot()["adapt_swaps"]
+            if swapped and swapped_at is None:
+                swapped_at = time.monotonic()
+            if swapped_at is not None and time.monotonic() > swapped_at + 1.5:
+                break
+        adapter = stage.adapter  # type: ignore[attr-defined]
+        assert adapter is not None and adapter.alive and swapped_at is not None
+        # Adaptation dying (here: killed) is reported; enhancement goes on with the model in
+        # service.
+        os.kill(adapter._process.pid, signal.SIGKILL)
+        passed = stage.counters.passed
+        pipeline.wait(duration_s=1.5)
+        assert "exited" in str(stage.snapshot()["adapt_error"])
+        assert stage.counters.passed > passed + 10
+    except BaseException:
+        pipeline.stop()  # a failed check must not leave the core's threads running
+        raise
     summary = pipeline.stop().to_dict()
     received = recorder.close()
     assert summary["error"] is None

@@ -46,7 +46,7 @@ def test_config_is_frozen() -> None:
     ('[source]\nkind = "sim"\nexposur_ms = 3\n', "source.exposur_ms: unknown key"),
     ('[source]\nkind = "sim"\nwidth = "big"\n', "source.width: Input should be a valid integer"),
     ('[source]\nkind = "laser"\n', "source.kind must be one of 'sim', 'mm', 'replay'"),
-    ('[engine]\nname = "magic"\n', "engine.name: unknown engine 'magic'; available: denoise"),
+    ('[engine]\nname = "magic"\n', "engine.name: unknown engine 'magic'; available: bm3d, bm4d, denoise"),
     ('[publish]\naddress = "localhost:5555"\n', "publish.address: expected a ZeroMQ endpoint"),
     ('[archive]\nqueue_frames = 0\n', "archive.queue_frames: Input should be greater than"),
     ('[source]\nkind = "mm"\nconfig_file = "missing.cfg"\n',

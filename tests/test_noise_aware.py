@@ -65,6 +65,12 @@ def test_noise_model_is_estimated_from_the_data() -> None:
                 float(truth.variance(np.array(level))), rel=tolerance)
     with pytest.raises(ValueError, match="at least"):
         estimate_noise_model(np.zeros((8, 8), np.float32))
+    # A closed shutter (flat) or a background mostly clipped at zero: constant noise at the
+    # measured level, never a failure (an engine must not stop on a dark frame).
+    for frame in (np.full((64, 64), 100.0, np.float32),
+                  np.where(rng.random((64, 64)) < 0.9, 0.0, rng.poisson(5.0, (64, 64)))):
+        dark = estimate_noise_model(frame.astype(np.float32))
+        assert dark.alpha > 0 and np.all(np.isfinite(dark.gat(frame)))
 
 
 def test_camera_noise_uses_the_calibration_or_estimates_then_refines() -> None:
