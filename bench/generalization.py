@@ -57,6 +57,8 @@ BACKGROUND = 0.02  # of the brightest structure, as out-of-focus light
 WINDOW = 5
 BASE_STEPS = 8000
 TRAIN_STEPS = 3000
+#: stage 2 weights each sample by sigma^-1: plain MSE (stage 1) left the bright cases behind
+NOISE_WEIGHT = 1.0
 
 
 def model_path(fold: int) -> Path:
@@ -81,7 +83,8 @@ def train_command(fold: int | None, out: Path, steps: int = TRAIN_STEPS) -> list
     version = f"3-fold{fold}" if fold is not None else "3"
     return [str(ROOT / ".venv" / "bin" / "dimscope"), "train", "denoise", "--init", str(BASE),
             "--window", str(WINDOW), "--vst", "--data", *map(str, images), "--movies",
-            *map(str, movies), "--sim-fraction", "0.3", "--steps", str(steps), "--lr", "1e-3",
+            *map(str, movies), "--sim-fraction", "0.3", "--noise-weight", str(NOISE_WEIGHT),
+            "--steps", str(steps), "--lr", "1e-3",
             "--batch", "16", "--patch", "96", "--val-every", "500", "--name", "denoise",
             "--version", version, "--out", str(out), "--checkpoint",
             str(out.with_suffix(".ckpt")), "-q"]
@@ -166,7 +169,12 @@ class Classical:
         return self.values[full]
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.values, indent=0, sort_keys=True))
+        # Merge with what another run may have added meanwhile (runs may share the cache).
+        if self.path.exists():
+            self.values = {**json.loads(self.path.read_text()), **self.values}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.values, indent=0, sort_keys=True))
+        tmp.replace(self.path)
 
 
 class Model:

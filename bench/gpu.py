@@ -58,7 +58,7 @@ def bench_case(model: str, side: int, frames: int) -> list[dict[str, float | str
 
     path = resolve_model(model)
     card = read_card(path)
-    shape = (1, 1, side, side)
+    shape = (1, card.channels, side, side)  # a temporal model takes its whole window
     inputs = _inputs(path, shape, 0)
     rows = []
     net = network_from_file(path, card).cuda()

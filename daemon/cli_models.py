@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_high=str(args.val_high) if args.val_high else None, val_every=args.val_every,
         checkpoint_every=args.val_every, init=args.init, name=args.name, version=args.version,
         window=args.window, vst=args.vst, movies=[str(m) for m in args.movies],
-        photons=(args.photons[0], args.photons[1]))
+        photons=(args.photons[0], args.photons[1]), noise_weight=args.noise_weight)
     out = args.out or Path(f"{args.name or args.task}.onnx")
     try:
         result = train(settings, out, checkpoint=args.checkpoint, resume=args.resume,
@@ -75,6 +75,9 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--photons", type=float, nargs=2, default=(2.0, 1000.0),
                    metavar=("MIN", "MAX"), help="photon budget range of the noise-aware "
                    "crappifier (photoelectrons at the brightest structure)")
+    t.add_argument("--noise-weight", type=float, default=0.0,
+                   help="noise-aware clips: weight each sample's MSE by sigma^-W (0: plain "
+                        "MSE, dominated by the darkest samples; 2: every photon level alike)")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--patch", type=int, default=128, help="input crop size in pixels")

@@ -17,11 +17,17 @@ pytestmark = pytest.mark.skipif(not gpu_present(), reason="no NVIDIA GPU visible
 SHAPE = (1, 1, 256, 256)
 
 
+def _shape(model: str) -> tuple[int, int, int, int]:
+    """SHAPE with the model's input channels (a temporal model takes its window)."""
+    return (1, read_card(resolve_model(model)).channels, *SHAPE[2:])
+
+
 def _inputs(model: str, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    shapes = input_shapes(resolve_model(model), SHAPE)
+    frame = _shape(model)
+    shapes = input_shapes(resolve_model(model), frame)
     # frames in 0..1 (as normalised), the interpolation time t = 0.5
-    return [rng.random(s, dtype=np.float32) if s == SHAPE else np.full(s, 0.5, np.float32)
+    return [rng.random(s, dtype=np.float32) if s == frame else np.full(s, 0.5, np.float32)
             for s in shapes]
 
 
@@ -32,8 +38,8 @@ def test_gpu_runtime_matches_the_cpu_reference(runtime: str, model: str) -> None
         pytest.importorskip("tensorrt", reason="TensorRT is not installed here")
     path = resolve_model(model)
     card = read_card(path)
-    reference = open_runtime("onnxruntime", path, card, shape=SHAPE)
-    gpu = open_runtime(runtime, path, card, shape=SHAPE)  # compiled and warmed up
+    reference = open_runtime("onnxruntime", path, card, shape=_shape(model))
+    gpu = open_runtime(runtime, path, card, shape=_shape(model))  # compiled and warmed up
     assert gpu.name == runtime and gpu.precision in ("fp16", "bf16", "fp32")
     first, second = _inputs(model, 1), _inputs(model, 2)
     want = [reference.run(*first), reference.run(*second)]
