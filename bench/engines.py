@@ -93,7 +93,8 @@ def interp_bench(sizes: list[int], repeat: int, precision: str) -> None:
         r = max(2, repeat if size <= 1024 else repeat // 4)
         t_eager, _ = timed(eager, (a, b), r)
         t_ours, _ = timed(lambda p: interp.between(p[0], p[1], 0.5), (a, b), r)
-        t_flow, _ = timed(lambda p: flow.between(p[0], p[1], 0.5), (a, b), r)
+        # writable copies: the flow interpolator reuses flows only for a read-only pair it has seen
+        t_flow, _ = timed(lambda p: flow.between(p[0].copy(), p[1].copy(), 0.5), (a, b), r)
         print(f"{'interp':<8}{size:>6}{t_eager:>10.1f}{t_ours:>13.1f}{1000 / t_ours:>7.1f}"
               f"{t_eager / t_ours:>7.2f}   (flow: {t_flow:.1f} ms, {1000 / t_flow:.0f} fps)  "
               f"{interp.info.runtime}/{interp.info.precision}", flush=True)
