@@ -33,6 +33,7 @@ from dimscope.engines.options import (
     EngineOptions,
     FlowInterpolatorOptions,
     InterpolatorOptions,
+    option_problems,
     validate_options,
 )
 
@@ -175,11 +176,7 @@ def _check_interpolate_options(method: str, options: dict[str, Any]) -> None:
     try:
         model.model_validate(options)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"options.{'.'.join(str(p) for p in e['loc'])}: "
-            + ("unknown option" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors())
-        raise ValueError(f"method {method!r}: {problems} (allowed: "
+        raise ValueError(f"method {method!r}: {option_problems(exc, 'options.')} (allowed: "
                          f"{', '.join(model.model_fields)})") from None
 
 

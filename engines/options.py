@@ -84,6 +84,14 @@ ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
 _CALIBRATION_KEYS = ("gain_adu_per_e", "offset_adu", "read_noise_e")
 
 
+def option_problems(exc: ValidationError, prefix: str = "") -> str:
+    """Each problem of an options model's validation: where (the key) and what."""
+    return "; ".join(
+        (f"{prefix}{'.'.join(str(p) for p in e['loc'])}" if e["loc"] else "options") + ": "
+        + ("unknown option" if e["type"] == "extra_forbidden" else e["msg"])
+        for e in exc.errors())
+
+
 def validate_options(engine: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options, checked against the engine's model; ValueError names each problem."""
     moved = [k for k in _CALIBRATION_KEYS if k in options]
@@ -96,9 +104,5 @@ def validate_options(engine: str, options: dict[str, Any]) -> dict[str, Any]:
     try:
         return model.model_validate(options).model_dump(exclude_unset=True)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: "
-            + ("unknown option" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors())
-        raise ValueError(f"engine {engine!r} options: {problems} (allowed: "
+        raise ValueError(f"engine {engine!r} options: {option_problems(exc)} (allowed: "
                          f"{', '.join(model.model_fields) or 'none'})") from None

@@ -30,6 +30,7 @@ from ..evaluation.quality import fit_to, normalize_truth, psnr
 from ..model_file import ModelCard, read_card, resolve_model
 from ..nets import build_network, count_parameters, multiple_of
 from ..normalize import PercentileNorm, VSTNorm
+from .clips import tif_files
 from .crappify import make_crappifier
 from .export import export_onnx
 
@@ -103,17 +104,8 @@ def image_planes(path: Path) -> list[np.ndarray]:
 
 
 def collect_images(sources: list[str]) -> list[np.ndarray]:
-    files: list[Path] = []
-    for s in sources:
-        p = Path(s).expanduser()
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in (".tif", ".tiff"))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"training data not found: {p}")
     planes: list[np.ndarray] = []
-    for f in files:
+    for f in tif_files(sources):
         planes += image_planes(f)
     return planes
 
