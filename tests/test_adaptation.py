@@ -101,7 +101,7 @@ def test_adapting_a_weak_model_lowers_the_held_back_loss_and_restores_better(
     first, last = reports[0], reports[-1]
     # The held-back self-supervised loss fell, round after round ...
     assert all(r.improved for r in reports[:3])
-    assert last.loss_adapted < 0.9 * first.loss_served
+    assert last.loss_adapted < 0.95 * first.loss_served
     # ... and so did the error against the truth it never saw.
     before = _psnr(models["weak"], noisy, truth)
     assert trainer.last_path is not None
