@@ -206,6 +206,8 @@ class PublishConfig(StrictModel):
         "subscribers before the socket closes (the tail of every stream)")
     raw: bool = True
     enhanced: bool = True
+    trust: bool = Field(True, description="publish each enhanced frame's trust map on topic "
+                        "`trust` (needs `[trust] enabled`)")
 
     @field_validator("address")
     @classmethod
@@ -249,6 +251,24 @@ class PublishNodeConfig(_NodeConfig):
 
     kind: Literal["publish"] = "publish"
     topic: str = Field(pattern=_NAME)
+    payload: Literal["frame", "trust"] = Field(
+        "frame", description="send the frames, or their trust maps (frames of an engine node)")
+
+
+class TrustConfig(StrictModel):
+    """Trust maps: each enhanced frame checked against its raw frame through the camera's
+    forward model (see engines/trust.py and README: Trust)."""
+
+    enabled: bool = Field(True, description="score every enhanced frame (header `trust`, "
+                          "topic `trust`, trust.jsonl in the run folder)")
+    false_alarm_rate: float = Field(
+        1e-3, gt=0, lt=0.5, description="share of frames on which white noise alone would "
+        "alert: sets the local z threshold for the frame size")
+    flag_sigma: float = Field(3.0, gt=0, description="a map pixel beyond this local z counts "
+                              "as flagged (the score's flagged_fraction)")
+    max_spread_ratio: float = Field(
+        2.0, ge=0, description="also alert when the residual's spread is off by more than this "
+        "factor either way (inconsistent everywhere); 0 = never")
 
 
 class InterpolateNodeConfig(_NodeConfig):
@@ -272,7 +292,7 @@ NodeConfig = Annotated[EngineNodeConfig | PublishNodeConfig | InterpolateNodeCon
 
 #: the nodes every run has (see `daemon/graph.py`); extra `[[stages]]` may not reuse them
 DEFAULT_NODE_NAMES = ("acquisition", "archive", "publish_raw", "engine", "publish_enhanced",
-                      "interpolate", "publish_interpolated")
+                      "publish_trust", "trust_log", "interpolate", "publish_interpolated")
 
 
 def check_endpoint(address: str, *, bind: bool) -> None:
@@ -308,10 +328,18 @@ def check_endpoint(address: str, *, bind: bool) -> None:
         raise ValueError(f"host {host!r} does not resolve ({exc})") from None
 
 
+#: engines whose options take `allow_unverified` (they load a model file)
+MODEL_ENGINES = ("denoise", "sr2", "model")
+
+
 def with_overrides(config: Config, *, engine: str | None = None,
-                   model: str | None = None) -> Config:
-    """The config with command-line overrides applied, validated like the file itself."""
-    if engine is None and model is None:
+                   model: str | None = None, allow_unverified_model: bool = False) -> Config:
+    """The config with command-line overrides applied, validated like the file itself.
+
+    `allow_unverified_model` (`--allow-unverified-model`) lets every model this run loads
+    (the engine's, its tiers', `[[stages]]` engines' and the interpolation model) load even
+    when its weights do not match its card's SHA-256; their frames then say so."""
+    if engine is None and model is None and not allow_unverified_model:
         return config
     data = config.model_dump(mode="python")
     if engine is not None and engine != data["engine"]["name"]:
@@ -320,6 +348,15 @@ def with_overrides(config: Config, *, engine: str | None = None,
                                       if k not in ("model",)}}
     if model is not None:
         data["engine"]["options"] = {**data["engine"]["options"], "model": model}
+    if allow_unverified_model:
+        engines = [data["engine"], *data["engine"]["tiers"],
+                   *(s for s in data["stages"] if s.get("kind") == "engine")]
+        for item in engines:
+            if item.get("name", item.get("engine")) in MODEL_ENGINES:
+                item["options"] = {**item["options"], "allow_unverified": True}
+        if data["interpolate"]["method"] == "model":
+            data["interpolate"]["options"] = {**data["interpolate"]["options"],
+                                              "allow_unverified": True}
     return parse_config(data, origin="command line")
 
 
@@ -368,6 +405,7 @@ class Config(StrictModel):
         None, description="a useq MDASequence (inline keys, or `file` = YAML/JSON path relative "
         "to the config): run this time-lapse instead of live streaming")
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     stages: tuple[NodeConfig, ...] = Field(
         (), description="extra nodes of the frame graph, each naming its upstream "
         "(see docs/architecture.md)")
@@ -377,7 +415,7 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _graph_is_declared_in_order(self) -> Config:
         known = set(DEFAULT_NODE_NAMES)
-        topics = {"raw", "enhanced", "interpolated"}
+        topics = {"raw", "enhanced", "interpolated", "trust"}
         for i, node in enumerate(self.stages):
             where = f"stages[{i}] ({node.name!r})"
             if node.name in known:

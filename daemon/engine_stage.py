@@ -13,11 +13,19 @@ this order:
    `tier_changes`, reported as `tier`.
 2. **skip** — a frame whose age plus the expected processing time already
    exceeds the budget is not enhanced: it is published on the enhanced topic
-   as the raw frame, kind "raw", header `budget: "skipped"`; counted in `skipped`.
+   as the raw pixels, kind "passthrough", header `budget: "skipped"`; counted in
+   `skipped`, never as enhanced.
    Every `PROBE_EVERY`-th frame while skipping is enhanced anyway to re-measure,
    so enhancement resumes by itself when the machine has room again.
 3. frames enhanced but published past the budget are counted in `late`
    (header `budget: "missed"`; those within it say `budget: "met"`).
+
+Trust (`[trust] enabled`, the default): every enhanced frame is scored against its raw
+frame by a `TrustMeter` (engines/trust.py) with the noise model the engine itself used,
+right after the engine, so the score is in the enhanced frame's header and its map goes
+to topic `trust`; its cost is part of the frame's processing time (the budget sees it).
+Counted in `trust_alerts` (frames whose score passed the alert threshold), timed in
+`trust_ms`.
 
 Live adaptation (`[engine] adapt = true`, main engine only): every frame the stage
 receives — also those its queue or the budget skip — is offered to an
@@ -47,8 +55,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dimscope.engines import CameraCalibration, Engine, EngineError
+from dimscope.engines.noise_model import CameraNoise, NoiseModel
+from dimscope.engines.trust import TrustMeter, TrustSettings
 
 from .frame import BudgetOutcome, Frame, freeze
+from .metrics import LatencyWindow
 from .stage import OverflowPolicy, Stage
 
 if TYPE_CHECKING:
@@ -71,13 +82,25 @@ PROBE_EVERY = 25
 TIER_HEADROOM = 0.8
 
 
+def _noise_in_use(engine: Engine) -> NoiseModel | None:
+    """The noise model a noise-aware engine used for its last frame (so the trust score and
+    the engine agree), else None (the meter uses the calibration or its own estimate)."""
+    noise = getattr(engine, "noise", None)
+    return noise.model if isinstance(noise, CameraNoise) else None
+
+
 class EngineStage(Stage):
     def __init__(self, engine: Engine, calibration: CameraCalibration, queue_frames: int,
                  budget_ms: float | None = None,
                  tiers: Sequence[tuple[str, Callable[[], Engine]]] = (),
-                 name: str = "engine", adapt_dir: Path | None = None) -> None:
-        """`adapt_dir`: adapt the engine's model live, writing adapted files there."""
+                 name: str = "engine", adapt_dir: Path | None = None,
+                 trust: TrustSettings | None = None) -> None:
+        """`adapt_dir`: adapt the engine's model live, writing adapted files there;
+        `trust`: score every enhanced frame against its raw frame (None: do not)."""
         super().__init__(name, queue_frames, OverflowPolicy.DROP_OLDEST)
+        self.trust = TrustMeter(calibration, trust) if trust is not None else None
+        self.trust_alerts = 0
+        self.trust_ms = LatencyWindow()
         self.engine = engine
         self.calibration = calibration
         self.budget_ms = budget_ms
@@ -228,7 +251,8 @@ class EngineStage(Stage):
             if judged and not probe and age_ms + self._expected_ms() > self.budget_ms:
                 self.skipped += 1
                 self._skips_in_a_row += 1
-                self.emit(started.replace(budget="skipped", tier=self.tier))
+                self.emit(started.replace(kind="passthrough", budget="skipped",
+                                          tier=self.tier))
                 return
         t0 = time.monotonic_ns()
         try:
@@ -244,6 +268,18 @@ class EngineStage(Stage):
                                   ) from exc
             self.counters.errors += 1
             return
+        report = None
+        if self.trust is not None and frame.pixels.ndim == 2:
+            t_trust = time.monotonic_ns()
+            report = self.trust.measure(frame.pixels, out, self.engine.scale,
+                                        noise=_noise_in_use(self.engine))
+            self.trust_ms.add((time.monotonic_ns() - t_trust) / 1e6)
+            if report.score.alert:
+                self.trust_alerts += 1
+                if self.trust_alerts == 1 or self.trust_alerts % 100 == 0:
+                    log.warning("trust: enhanced frame %d disagrees with its raw frame (local "
+                                "z %.1f, threshold %.1f; %d alert(s) so far)", frame.frame_id,
+                                report.score.max_z, report.score.threshold, self.trust_alerts)
         done_ns = time.monotonic_ns()
         self._recent.append((done_ns - t0) / 1e6)
         self._skips_in_a_row = 0
@@ -258,6 +294,7 @@ class EngineStage(Stage):
             pixels=freeze(out), kind="enhanced", engine=self.engine.info,
             source_ids=(frame.frame_id,), pixel_size_um=frame.pixel_size_um / scale,
             budget=budget, tier=self.tier if self.budget_ms is not None else None,
+            trust=report,
         ).marked("engine_done", done_ns)
         self.emit(enhanced)
         self._maybe_next_tier()
@@ -266,6 +303,9 @@ class EngineStage(Stage):
         snap = super().snapshot()
         snap.update({"budget_ms": self.budget_ms, "tier": self.tier, "tier_name": self.tier_name,
                      "tier_changes": self.tier_changes, "skipped": self.skipped})
+        if self.trust is not None:
+            snap.update({"trust_alerts": self.trust_alerts,
+                         "trust_ms": self.trust_ms.summary()})
         if self.adapt_dir is not None:
             a = self.adapter
             snap.update({"adapt_rounds": a.rounds if a else 0, "adapt_swaps": self.adapt_swaps,

@@ -17,8 +17,11 @@ import numpy as np
 import xxhash
 
 from dimscope.engines.base import EngineInfo
+from dimscope.engines.trust import TrustReport
 
-FrameKind = Literal["raw", "enhanced", "interpolated"]
+#: what the pixels are: `passthrough` = the raw pixels on the enhanced stream because the
+#: latency budget skipped the engine (never counted as enhanced); `trust` = a trust map
+FrameKind = Literal["raw", "enhanced", "interpolated", "passthrough", "trust"]
 #: what the latency budget made of a frame: enhanced in time, enhanced late, or passed on raw
 BudgetOutcome = Literal["met", "missed", "skipped"]
 
@@ -55,6 +58,8 @@ class Frame:
     #: xxh3-64 of the raw pixels, taken at acquisition while they are hot in cache (the
     #: archive index records it; `recover` and subscribers can verify it)
     checksum: str | None = None
+    #: enhanced frames: how far they agree with their raw frame (`engines/trust.py`)
+    trust: TrustReport | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -8,8 +8,10 @@ on any earlier node), without code:
 
     acquisition ─┬─> archive               raw frames to OME-TIFF; FAIL: never drops
                  ├─> publish_raw           topic raw; drop-oldest
-                 └─> engine                newest frame only; latency budget
+                 └─> engine                newest frame only; latency budget; trust score
                        ├─> publish_enhanced
+                       ├─> publish_trust   topic trust: each enhanced frame's trust map
+                       ├─> trust_log       trust.jsonl beside the raw index
                        └─> interpolate ──> publish_interpolated
 
 A node kind is one builder function in `NODE_KINDS`: config in, stage out.
@@ -27,6 +29,7 @@ import numpy as np
 
 from dimscope.engines import CameraCalibration, Engine, EngineError, make_engine
 from dimscope.engines.interpolators import make_interpolator
+from dimscope.engines.trust import TrustSettings
 
 from .archive import RawArchive
 from .config import (
@@ -37,11 +40,13 @@ from .config import (
     NodeConfig,
     PublishNodeConfig,
     TierConfig,
+    TrustConfig,
 )
 from .engine_stage import EngineStage
 from .interpolation_stage import InterpolationStage
 from .publisher import PublishSocket, PublishStage
 from .stage import Stage
+from .trust_log import TrustLogStage
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,15 @@ class ArchiveNodeConfig:
     name: str = "archive"
     upstream: str = ROOT
     kind: str = "archive"
+
+
+@dataclass(frozen=True)
+class TrustLogNodeConfig:
+    """`trust.jsonl` in the run folder: present whenever trust maps are on."""
+
+    name: str = "trust_log"
+    upstream: str = "engine"
+    kind: str = "trust_log"
 
 
 @dataclass
@@ -128,11 +142,24 @@ def _engine(node: EngineNodeConfig, ctx: BuildContext) -> Stage:
     adapt = node.name == "engine" and ctx.config.engine.adapt
     return EngineStage(engine, ctx.calibration, node.queue_frames, budget_ms=node.budget_ms,
                        tiers=tier_factories(node.tiers, ctx.calibration), name=node.name,
-                       adapt_dir=ctx.run_dir / "adapted" if adapt else None)
+                       adapt_dir=ctx.run_dir / "adapted" if adapt else None,
+                       trust=trust_settings(ctx.config.trust))
+
+
+def trust_settings(cfg: TrustConfig) -> TrustSettings | None:
+    if not cfg.enabled:
+        return None
+    return TrustSettings(false_alarm_rate=cfg.false_alarm_rate, flag_sigma=cfg.flag_sigma,
+                         max_spread_ratio=cfg.max_spread_ratio)
 
 
 def _publish(node: PublishNodeConfig, ctx: BuildContext) -> Stage:
-    return PublishStage(node.topic, ctx.socket, node.queue_frames, name=node.name)
+    return PublishStage(node.topic, ctx.socket, node.queue_frames, name=node.name,
+                        payload=node.payload)
+
+
+def _trust_log(node: Any, ctx: BuildContext) -> Stage:
+    return TrustLogStage(ctx.run_dir, name=node.name)
 
 
 def _interpolate(node: InterpolateNodeConfig, ctx: BuildContext) -> Stage:
@@ -147,6 +174,7 @@ NODE_KINDS: dict[str, Callable[[Any, BuildContext], Stage]] = {
     "engine": _engine,
     "publish": _publish,
     "interpolate": _interpolate,
+    "trust_log": _trust_log,
 }
 
 
@@ -159,10 +187,10 @@ def register_node_kind(kind: str, builder: Callable[[Any, BuildContext], Stage]
 
 
 def declared_nodes(config: Config, *, interpolate_factor: int | None = None
-                   ) -> list[NodeConfig | ArchiveNodeConfig]:
+                   ) -> list[NodeConfig | ArchiveNodeConfig | TrustLogNodeConfig]:
     """Every node of the run in declaration order: the defaults, then `[[stages]]`."""
     pub = config.publish
-    nodes: list[NodeConfig | ArchiveNodeConfig] = [ArchiveNodeConfig()]
+    nodes: list[NodeConfig | ArchiveNodeConfig | TrustLogNodeConfig] = [ArchiveNodeConfig()]
     if pub.raw:
         nodes.append(PublishNodeConfig(name="publish_raw", topic="raw",
                                        queue_frames=config.acquisition.raw_queue_frames))
@@ -173,6 +201,12 @@ def declared_nodes(config: Config, *, interpolate_factor: int | None = None
     if pub.enhanced:
         nodes.append(PublishNodeConfig(name="publish_enhanced", upstream="engine",
                                        topic="enhanced", queue_frames=pub.queue_frames))
+    if config.trust.enabled:
+        if pub.trust:
+            nodes.append(PublishNodeConfig(name="publish_trust", upstream="engine",
+                                           topic="trust", payload="trust",
+                                           queue_frames=pub.queue_frames))
+        nodes.append(TrustLogNodeConfig())
     factor = interpolate_factor or config.interpolate.factor
     if factor > 1:
         interp = config.interpolate
@@ -199,7 +233,8 @@ class Graph:
         return list(reversed(self.stages.values()))
 
 
-def build_graph(nodes: list[NodeConfig | ArchiveNodeConfig], ctx: BuildContext,
+def build_graph(nodes: list[NodeConfig | ArchiveNodeConfig | TrustLogNodeConfig],
+                ctx: BuildContext,
                 *, reroute: dict[str, str] | None = None) -> Graph:
     """Build and connect the nodes. A node that cannot be built (its engine does not load)
     is left out with its reason in `ctx.errors`, and so are the nodes below it — except

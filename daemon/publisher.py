@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import zmq
 
@@ -23,7 +24,7 @@ from .frame import Frame
 from .metrics import LatencyWindow
 from .sinks import SinkStage
 from .stage import OverflowPolicy
-from .wire import encode_header
+from .wire import encode_header, trust_frame
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,20 @@ class PublishSocket:
             self._sock.close(self.linger_ms)
 
 
-class TopicSink:
-    """Sends frames on one topic of the shared PUB socket, numbering them (`seq`)."""
+#: what a topic sends of each frame: the frame itself, or its trust map (`wire.trust_frame`)
+Payload = Literal["frame", "trust"]
 
-    def __init__(self, topic: str, socket: PublishSocket) -> None:
+
+class TopicSink:
+    """Sends frames on one topic of the shared PUB socket, numbering them (`seq`).
+
+    With payload `trust` it sends each frame's trust map instead, and passes over frames
+    that have none (raw and passthrough frames; counted in `without_trust`)."""
+
+    def __init__(self, topic: str, socket: PublishSocket, payload: Payload = "frame") -> None:
         self.topic = topic
+        self.payload = payload
+        self.without_trust = 0
         self._topic_bytes = topic.encode()
         self._socket = socket
         self.seq = 0
@@ -96,6 +106,12 @@ class TopicSink:
         pass
 
     def append(self, frame: Frame) -> bool:
+        if self.payload == "trust":
+            trust = trust_frame(frame)
+            if trust is None:
+                self.without_trust += 1
+                return True  # nothing to send for it: not a loss
+            frame = trust
         mono = time.monotonic_ns()
         frame = frame.marked("published", mono)
         header = encode_header(frame, topic=self.topic, seq=self.seq,
@@ -120,8 +136,8 @@ class PublishStage(SinkStage):
     """A topic publisher: drop-oldest queue in front of a `TopicSink`."""
 
     def __init__(self, topic: str, socket: PublishSocket, queue_frames: int,
-                 name: str | None = None) -> None:
-        self.topic_sink = TopicSink(topic, socket)
+                 name: str | None = None, payload: Payload = "frame") -> None:
+        self.topic_sink = TopicSink(topic, socket, payload)
         super().__init__(name or f"publish_{topic}", self.topic_sink, queue_frames,
                          OverflowPolicy.DROP_OLDEST)
         self.topic = topic

@@ -58,6 +58,9 @@ class StageStats(_Report):
     adapt_frames_dropped: int | None = Field(None, description="frames offered to adaptation "
                                              "that it never used (it samples the stream)")
     adapt_error: str | None = Field(None, description="why adaptation is not running")
+    trust_alerts: int | None = Field(None, description="enhanced frames whose trust score "
+                                     "passed the alert threshold")
+    trust_ms: LatencyStats | None = Field(None, description="time to score a frame")
 
 
 class EngineReport(_Report):

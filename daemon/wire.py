@@ -1,8 +1,9 @@
 """The ZeroMQ wire format (see docs/wire-format.md): `[topic, header, payload]`.
 
-topic   ASCII bytes: `raw`, `enhanced` or `interpolated`
-header  UTF-8 JSON object, schema `dimscope.frame/1`
-payload the pixel buffer, C order, shape and dtype as the header says
+topic   ASCII bytes: `raw`, `enhanced`, `interpolated` or `trust`
+header  UTF-8 JSON object, schema `dimscope.frame/2`
+payload the pixel buffer, C order, shape and dtype as the header says (on `trust`: the
+        trust map of the enhanced frame with the same `frame_id`)
 """
 
 from __future__ import annotations
@@ -12,21 +13,41 @@ from typing import Any
 
 import numpy as np
 
+from dimscope.engines.base import EngineInfo
+
 from .frame import Frame
 
-SCHEMA = "dimscope.frame/1"
-TOPICS = ("raw", "enhanced", "interpolated")
+SCHEMA = "dimscope.frame/2"
+TOPICS = ("raw", "enhanced", "interpolated", "trust")
+
+
+def engine_header(e: EngineInfo) -> dict[str, Any]:
+    """What made the pixels, typed: model identity, adaptation, noise model, verification."""
+    # A card version "3@adapted-2" is model version 3 after 2 live adaptation swaps.
+    base, _, adapted = e.version.partition("+")[0].partition("@")
+    engine: dict[str, Any] = {
+        "name": e.name, "version": e.version, "runtime": e.runtime, "precision": e.precision,
+        "scale": e.scale, "model_version": base, "adaptation": adapted or None,
+        "model_sha256": e.model_sha256 or None, "verified": e.verified}
+    if e.noise:  # noise-aware engines: the camera noise model they used, and its origin
+        engine["noise"] = e.noise
+    return engine
+
+
+def trust_frame(frame: Frame) -> Frame | None:
+    """The frame published on topic `trust` for an enhanced frame: its trust map, with the
+    same ids, engine and score (None for frames without one: raw, passthrough)."""
+    report = frame.trust
+    if report is None:
+        return None
+    raw_pixel_um = frame.pixel_size_um * (frame.engine.scale if frame.engine else 1)
+    # The map is at half the camera's resolution.
+    return frame.replace(pixels=report.map, kind="trust", pixel_size_um=raw_pixel_um * 2)
 
 
 def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
                   published_mono_ns: int) -> bytes:
-    engine = None
-    if frame.engine is not None:
-        e = frame.engine
-        engine = {"name": e.name, "version": e.version, "runtime": e.runtime,
-                  "precision": e.precision, "scale": e.scale}
-        if e.noise:  # noise-aware engines: the camera noise model they used, and its origin
-            engine["noise"] = e.noise
+    engine = engine_header(frame.engine) if frame.engine is not None else None
     header: dict[str, Any] = {
         "schema": SCHEMA,
         "topic": topic,
@@ -40,7 +61,9 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         "published_unix_ns": published_unix_ns,
         "exposure_ms": frame.exposure_ms,
         "pixel_size_um": frame.pixel_size_um,
-        "scale": frame.engine.scale if frame.engine is not None else 1,
+        # A trust map is at half the camera's sampling.
+        "scale": 0.5 if frame.kind == "trust" else (
+            frame.engine.scale if frame.engine is not None else 1),
         "source": frame.source,
         "source_ids": list(frame.source_ids) or [frame.frame_id],
         "engine": engine,
@@ -53,6 +76,8 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         header["budget"] = frame.budget
     if frame.tier is not None:
         header["tier"] = frame.tier
+    if frame.trust is not None:
+        header["trust"] = frame.trust.score.as_dict()
     return json.dumps(header, separators=(",", ":")).encode()
 
 

@@ -24,6 +24,12 @@ class EngineInfo:
     #: the noise model the engine uses (noise-aware engines), e.g. "var = 2·x − 190 ADU²
     #: (calibration)"; empty for engines that do not use one
     noise: str = ""
+    #: SHA-256 (hex) of the model's network (graph + weights) as its card records it;
+    #: empty for engines without a model file
+    model_sha256: str = ""
+    #: False only when a model whose weights do not match its card was loaded anyway
+    #: (`--allow-unverified-model`); every frame it makes says so
+    verified: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,9 @@ class ModelOptions(EngineOptions):
     precision: Precision = "auto"
     tile: int = Field(2048, ge=64, description="frames larger than this run in tiles")
     halo: int = Field(32, ge=0, description="pixels of context around each tile")
+    allow_unverified: bool = Field(
+        False, description="load the model even when its weights do not match the SHA-256 "
+        "its card records (every frame then says verified: false); --allow-unverified-model")
 
 
 class InterpolatorOptions(EngineOptions):
@@ -54,6 +57,8 @@ class InterpolatorOptions(EngineOptions):
     model: str = "interp"
     runtime: Runtime = "auto"
     precision: Precision = "auto"
+    allow_unverified: bool = Field(
+        False, description="load the model even when its weights do not match its card")
 
 
 class FlowInterpolatorOptions(EngineOptions):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dimscope.daemon.archive import read_index
+from dimscope.daemon.trust_log import read_trust_log
 from dimscope.engines.interpolators import make_interpolator
 from dimscope.engines.model_file import ModelCard, read_card
 from dimscope.engines.nets import build_network
@@ -90,19 +91,26 @@ def test_engine_slower_than_budget_switches_to_faster_tier(tmp_path: Path) -> No
 
 
 def test_engine_slower_than_budget_without_tiers_skips_and_counts(tmp_path: Path) -> None:
-    summary, received = run_and_record(_budget_config(tmp_path), 3.0, ["enhanced"])
+    summary, received = run_and_record(_budget_config(tmp_path), 3.0, ["enhanced", "trust"])
     budget = summary["budget"]
     assert budget["skipped"] > 0 and budget["tier_changes"] == 0
-    flagged = [h for _, h, _ in received if h.get("budget") == "skipped"]
-    assert flagged and all(h["kind"] == "raw" and h["engine"] is None for h in flagged)
+    flagged = [h for t, h, _ in received if t == "enhanced" and h.get("budget") == "skipped"]
+    assert flagged and all(h["kind"] == "passthrough" and h["engine"] is None
+                           and "trust" not in h for h in flagged)
     # Every enhanced frame that was late says so, and the count matches what viewers saw.
-    late = [h for _, h, _ in received if h.get("budget") == "missed"]
+    late = [h for t, h, _ in received if t == "enhanced" and h.get("budget") == "missed"]
     assert budget["missed"] >= len(late)
     # "enhanced" counts frames the engine enhanced, not the skipped ones it passed on raw.
     engine = summary["stages"]["engine"]
     assert summary["enhanced"] == engine["passed"] - budget["skipped"] < engine["passed"]
     assert summary["acquired"] == summary["archived"] > 0
     assert len(read_index(Path(summary["run_dir"]))[0]) == summary["acquired"]
+    # Passthrough frames get no trust map (there is nothing enhanced to check) and are
+    # listed as passthrough in the run's trust log.
+    trusted = {h["frame_id"] for t, h, _ in received if t == "trust"}
+    assert not trusted & {h["frame_id"] for h in flagged}
+    log = read_trust_log(Path(summary["run_dir"]))
+    assert sum(e["kind"] == "passthrough" for e in log) == budget["skipped"]
 
 
 def test_missing_interpolation_model_runs_without_interpolation(tmp_path: Path) -> None:
