@@ -1,4 +1,5 @@
-"""`dimscope` command line: run, subscribe, check-config, recover."""
+"""`dimscope` command line: run, subscribe, check-config, recover (train, eval, models:
+`cli_models.py`; enhance, adapt: `cli_enhance.py`)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def _print_summary(s: RunSummary) -> None:
     info = s.engine_info
     if info:
         print(f"engine {info.name} {info.version} on {info.runtime} "
-              f"({info.precision}, x{info.scale})", file=out)
+              f"({info.precision}, x{info.scale})"
+              + ("" if getattr(info, "verified", True) else
+                 "  UNVERIFIED MODEL (weights do not match its card)"), file=out)
     if s.engine_error:
         print(f"ENGINE ERROR (ran raw only): {s.engine_error}", file=out)
     if s.interpolate_error:
@@ -109,7 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     try:
-        config = with_overrides(load_config(args.config), engine=args.engine, model=args.model)
+        config = with_overrides(load_config(args.config), engine=args.engine, model=args.model,
+                                allow_unverified_model=args.allow_unverified_model)
         sequence = None
         if args.mda is not None:
             from .mda import load_sequence
@@ -141,6 +145,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         e = pipeline.engine_info
         print(f"dimscope: engine {e.name} {e.version} on {e.runtime} ({e.precision})",
               file=sys.stderr)
+        if not e.verified:
+            print(f"dimscope: WARNING: model {e.name} {e.version} does not match its card "
+                  f"(loaded with --allow-unverified-model): every frame it makes says "
+                  f"verified: false", file=sys.stderr)
     print(f"dimscope {__version__}: {pipeline.source.name} -> engine {pipeline.engine_name}; "
           f"publishing on {config.publish.address}; archiving to {pipeline.run_dir}",
           file=sys.stderr)
@@ -264,22 +272,60 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 _WAIT_NOTICE_S = 5.0
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    from dimscope.engines import EngineError, make_engine
+def _open_models(cfg: Any) -> list[Any]:
+    """Construct every model engine and model interpolator the config names (the engine,
+    tiers, `[[stages]]` engines and their tiers, live and `[[stages]]` model interpolation):
+    each reads its model file and checks its weights against its card. The engine itself is
+    always constructed; other engines only if they load a model (the classical ones may need
+    optional packages a run without them would not). Returns their infos."""
+    from dimscope.engines import make_engine
+    from dimscope.engines.interpolators import make_interpolator
 
-    from .config import ConfigError, check_out_dir, load_config
+    from .config import MODEL_ENGINES
+
+    engines = [(cfg.engine.name, cfg.engine.options)]
+    engines += [(t.name, t.options) for t in cfg.engine.tiers if t.name in MODEL_ENGINES]
+    for node in cfg.stages:
+        if node.kind == "engine":
+            engines += [(node.engine, node.options), *((t.name, t.options) for t in node.tiers)]
+    engines = engines[:1] + [(n, o) for n, o in engines[1:] if n in MODEL_ENGINES]
+    interpolators = [cfg.interpolate.options] if (
+        cfg.interpolate.factor > 1 and cfg.interpolate.method == "model") else []
+    interpolators += [node.options for node in cfg.stages
+                      if node.kind == "interpolate" and node.method == "model"]
+    infos = []
+    for name, options in engines:
+        engine = make_engine(name, **dict(options))
+        infos.append(engine.info)
+        engine.close()
+    for options in interpolators:
+        interpolator = make_interpolator("model", **dict(options))
+        infos.append(interpolator.info)
+        interpolator.close()
+    return infos
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from dimscope.engines import EngineError
+
+    from .config import ConfigError, check_out_dir, load_config, with_overrides
 
     try:
-        cfg = load_config(args.config)
+        cfg = with_overrides(load_config(args.config),
+                             allow_unverified_model=args.allow_unverified_model)
         check_out_dir(cfg.archive.out_dir)
-        # Constructing the engine reads its model file and card: a missing or
-        # damaged model is reported here, before any run.
-        make_engine(cfg.engine.name, **dict(cfg.engine.options)).close()
+        # Constructing the engines reads their model files and cards and checks the weights
+        # against the cards: a missing, damaged or changed model is reported here, before
+        # any run.
+        infos = _open_models(cfg)
     except (ConfigError, EngineError, OSError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    unverified = [f"{i.name} {i.version}" for i in infos if not i.verified]
     print(f"{args.config}: OK (source {cfg.source.kind}, engine {cfg.engine.name}, "
-          f"publish {cfg.publish.address}, archive {cfg.archive.out_dir})")
+          f"publish {cfg.publish.address}, archive {cfg.archive.out_dir})"
+          + (f"; UNVERIFIED model(s), allowed by --allow-unverified-model: "
+             f"{', '.join(unverified)}" if unverified else ""))
     return EXIT_OK
 
 
@@ -306,6 +352,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return EXIT_RUN_FAILED if report.missing_frames else EXIT_OK
 
 
+#: `--allow-unverified-model` (run, check-config, enhance)
+_ALLOW_UNVERIFIED_HELP = (
+    "load models whose weights do not match the SHA-256 their card records (or whose card "
+    "records none) instead of refusing them; a warning names each, and every frame they make "
+    "says verified: false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dimscope", description=(
         "Live low-light enhancement beside a Micro-Manager microscope: every raw frame "
@@ -330,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="publish 1 (2) or 3 (4) interpolated frames per interval "
                         "(overrides the config)")
     r.add_argument("--summary-json", type=Path, default=None, help="write the summary as JSON")
+    r.add_argument("--allow-unverified-model", action="store_true", help=_ALLOW_UNVERIFIED_HELP)
     r.add_argument("-q", "--quiet", action="store_true", help="no live status line")
     r.set_defaults(func=cmd_run)
 
@@ -347,13 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("config", type=Path)
+    c.add_argument("--allow-unverified-model", action="store_true", help=_ALLOW_UNVERIFIED_HELP)
     c.set_defaults(func=cmd_check_config)
 
     from .cli_enhance import add_adapt_parser, add_enhance_parser
-    from .cli_models import add_eval_parser, add_train_parser
+    from .cli_models import add_eval_parser, add_models_parser, add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_models_parser(sub)
     add_enhance_parser(sub)
     add_adapt_parser(sub)
 

@@ -105,17 +105,21 @@ def _noise_of(args: argparse.Namespace, series: Any) -> tuple[Any, Any]:
     return noise, calibration_for(noise)
 
 
-def _adaptable_model(engine: str, model: str | None) -> Path:
-    """The model file `--adapt` would adapt; ValueError naming why it cannot."""
+def _adaptable_model(engine: str, model: str | None, allow_unverified: bool = False
+                     ) -> tuple[Path, bool]:
+    """The model file `--adapt` would adapt, and whether its weights match its card;
+    ValueError naming why it cannot be adapted, ModelIntegrityError if its weights do not
+    match its card and `allow_unverified` is not set."""
     from dimscope.engines.adaptation import check_adaptable
-    from dimscope.engines.model_file import read_card, resolve_model
+    from dimscope.engines.model_file import open_model_card, resolve_model
 
     if engine not in ("denoise", "model"):
         raise ValueError(f"--adapt needs a noise-aware denoising model (engine denoise or "
                          f"model); engine {engine!r} cannot be adapted")
     path = resolve_model(model or engine)
-    check_adaptable(read_card(path), path)
-    return path
+    opened = open_model_card(path, allow_unverified=allow_unverified)
+    check_adaptable(opened.card, path)
+    return path, opened.verified
 
 
 def _adapt(series: Any, model: Path, noise: Any, seconds: float, rounds: int | None,
@@ -158,13 +162,24 @@ def _adaptation_record(result: Any) -> dict[str, Any]:
             "loss_after": result.loss_after}
 
 
+def _integrity(info: Any, base_verified: bool = True) -> dict[str, Any]:
+    """The model integrity part of an engine's or interpolator's provenance (models only)."""
+    if not info.model_sha256:
+        return {}
+    return {"model_sha256": info.model_sha256, "verified": info.verified and base_verified}
+
+
 def cmd_enhance(args: argparse.Namespace) -> int:
     from dimscope.engines import EngineError, make_engine
     from dimscope.engines.interpolators import make_interpolator
     from dimscope.engines.offline import as_series, enhance_stack
     from dimscope.engines.options import validate_options
 
+    from .config import MODEL_ENGINES
+
     adapt_model: Path | None = None
+    #: False when the model adapted does not match its card: the adapted one derives from it
+    base_verified = True
     try:
         stack = _read(args.input)
         series, _ = as_series(stack)
@@ -173,18 +188,23 @@ def cmd_enhance(args: argparse.Namespace) -> int:
         if args.adapt:
             if args.adapt_seconds <= 0:
                 raise ValueError(f"--adapt-seconds must be > 0, got {args.adapt_seconds:g}")
-            adapt_model = _adaptable_model(args.engine, args.model)
+            adapt_model, base_verified = _adaptable_model(args.engine, args.model,
+                                                          args.allow_unverified_model)
         engine_name = None if args.engine == "none" else args.engine
         options: dict[str, Any] = {}
         if args.model:
             options["model"] = args.model
         if args.runtime:
             options["runtime"] = args.runtime
+        if args.allow_unverified_model and engine_name in MODEL_ENGINES:
+            options["allow_unverified"] = True
         if engine_name is not None:
             options = validate_options(engine_name, options)
             make_engine(engine_name, **options).close()  # a bad name or model fails here
-        interpolator = (make_interpolator(args.interp_method) if args.interpolate > 1
-                        else None)
+        interp_options = ({"allow_unverified": True} if args.allow_unverified_model
+                          and args.interp_method == "model" else {})
+        interpolator = (make_interpolator(args.interp_method, **interp_options)
+                        if args.interpolate > 1 else None)
     except (ValueError, EngineError, FileNotFoundError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -221,9 +241,11 @@ def cmd_enhance(args: argparse.Namespace) -> int:
         "engine": None if result.engine is None else {
             "name": result.engine.name, "version": result.engine.version,
             "runtime": result.engine.runtime, "precision": result.engine.precision,
-            "noise": result.engine.noise},
+            "noise": result.engine.noise,
+            **_integrity(result.engine, base_verified)},
         "interpolator": None if result.interpolator is None else {
-            "name": result.interpolator.name, "version": result.interpolator.version},
+            "name": result.interpolator.name, "version": result.interpolator.version,
+            **_integrity(result.interpolator)},
         "noise_model": {"alpha": noise.alpha, "beta": noise.beta, "source": noise.source},
         "seconds": round(seconds, 2), "command": " ".join(["dimscope", *sys.argv[1:]]),
     }
@@ -241,6 +263,14 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dimscope: cannot write {args.output}: {exc}", file=sys.stderr)
         return EXIT_RUN_FAILED
+    unverified = [i.name for i in (result.engine, result.interpolator)
+                  if i is not None and i.model_sha256 and not i.verified]
+    if adaptation is not None and adaptation.adapted and not base_verified:
+        unverified.append(f"{adaptation.version} (adapted from an unverified model)")
+    if unverified:
+        print(f"dimscope: WARNING: made with UNVERIFIED model(s) (--allow-unverified-model): "
+              f"{', '.join(unverified)}; the provenance says verified: false",
+              file=sys.stderr)
     what = result.engine.name if result.engine else "raw"
     print(f"wrote {args.output}: {result.output.shape} float32 ({what}"
           + (f", ×{args.interpolate} {result.interpolator.name}" if result.interpolator else "")
@@ -274,12 +304,17 @@ def add_enhance_parser(sub: Any) -> None:
                    help="at most this many rounds of adaptation")
     e.add_argument("--adapt-out", type=Path, default=None,
                    help="where the adapted model goes (default OUT.adapted.onnx)")
+    e.add_argument("--allow-unverified-model", action="store_true",
+                   help="use models whose weights do not match the SHA-256 their card records "
+                        "(or whose card records none) instead of refusing them; the output's "
+                        "provenance then says verified: false")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_enhance)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from dimscope.engines import EngineError
+    from dimscope.engines.model_file import ModelIntegrityError
 
     try:
         if args.seconds <= 0:
@@ -287,7 +322,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         series = _read_series(args.input)
         noise, _ = _noise_of(args, series)
         print(f"noise model: {noise.describe()}", file=sys.stderr)
-        model = _adaptable_model("model", args.model)
+        # Never an unverified model: the adapted file would carry a fresh hash of its own.
+        model, _ = _adaptable_model("model", args.model)
+    except ModelIntegrityError as exc:
+        print(f"dimscope: {exc} (`dimscope adapt` takes no --allow-unverified-model: the "
+              f"adapted model would be recorded as verified)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ValueError, EngineError, FileNotFoundError) as exc:
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,4 +1,5 @@
-"""`dimscope train` and `dimscope eval`: the model side of the command line."""
+"""`dimscope train`, `dimscope eval` and `dimscope models`: the model side of the command
+line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_BAD_INPUT, EXIT_OK
+from .cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED
 
 
 def _missing_extra(extra: str, *modules: str) -> bool:
@@ -24,6 +25,7 @@ def _missing_extra(extra: str, *modules: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     if _missing_extra("train", "torch"):
         return EXIT_BAD_INPUT
+    from dimscope.engines import EngineError
     from dimscope.engines.training.train import TrainSettings, train
 
     hparams: dict[str, Any] = {}
@@ -44,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(settings, out, checkpoint=args.checkpoint, resume=args.resume,
                        progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, EngineError) as exc:  # EngineError: --init model
         print(f"dimscope: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {result['model']} (+ {Path(result['model']).with_suffix('.json').name}): "
@@ -156,3 +158,61 @@ def add_eval_parser(sub: Any) -> None:
     e.add_argument("--montage", type=Path, default=None,
                    help="write a PNG: raw | model(s) | ground truth")
     e.set_defaults(func=cmd_eval)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List models with whether their weights match their card; `--stamp` records the hash
+    of the network of each file given in its card (for files the user trusts as they are)."""
+    from dimscope.engines import EngineError
+    from dimscope.engines.model_file import (
+        inspect_model,
+        read_card,
+        resolve_model,
+        shipped_models,
+        write_card_metadata,
+    )
+
+    names = args.model or shipped_models()
+    if args.stamp:
+        if not args.model:
+            print("dimscope: --stamp needs the model files to stamp", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        shipped = [n for n in names if n in shipped_models()]
+        if shipped:
+            print(f"dimscope: --stamp takes .onnx paths, not shipped models "
+                  f"({', '.join(shipped)}: they are stamped when released)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    failed = 0
+    for name in names:
+        try:
+            path = resolve_model(name)
+            if args.stamp:
+                card = write_card_metadata(path, read_card(path))
+                print(f"{path}: recorded weights SHA-256 {card.weights_sha256} in its card "
+                      f"(and {path.with_suffix('.json').name})")
+                continue
+            opened, problem = inspect_model(path)
+        except (EngineError, OSError) as exc:
+            print(f"dimscope: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        card = opened.card
+        state = "verified" if problem is None else "NOT VERIFIED"
+        print(f"{name:<14} {card.task:<8} {card.name} {card.version}+{opened.digest}  "
+              f"sha256 {opened.sha256[:16]}…  {state}")
+        if problem is not None:
+            print(f"  {problem}", file=sys.stderr)
+            failed += 1
+    return EXIT_RUN_FAILED if failed else EXIT_OK
+
+
+def add_models_parser(sub: Any) -> None:
+    m = sub.add_parser("models", help="list models (shipped, or the files given) and whether "
+                       "their weights match the SHA-256 their card records")
+    m.add_argument("model", nargs="*", help="shipped model names or .onnx paths "
+                   "(default: every shipped model)")
+    m.add_argument("--stamp", action="store_true",
+                   help="record the SHA-256 of each given file's network in its card (for a "
+                        "file you trust as it is, e.g. one exported before dimscope recorded "
+                        "the hash); the card's other fields are kept")
+    m.set_defaults(func=cmd_models)

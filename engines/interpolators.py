@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from . import normalize
 from .base import EngineError, EngineInfo
-from .model_file import file_digest, read_card, resolve_model
+from .model_file import open_model_card, resolve_model
 from .options import FlowInterpolatorOptions
 from .runtime import Runtime, open_runtime
 from .tiling import round_up
@@ -60,14 +60,19 @@ class LinearInterpolator(RepeatInterpolator):
 
 
 class ModelInterpolator:
+    """`model`: a trained interpolation model. Its file's network is checked against the
+    SHA-256 its card records on construction (`model_file.open_model_card`): refused when
+    they differ unless `allow_unverified`, and then `info.verified` is False."""
+
     def __init__(self, model: str = "interp", runtime: str = "auto",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", allow_unverified: bool = False) -> None:
         self.path = resolve_model(model)
-        self.card = read_card(self.path)
+        opened = open_model_card(self.path, allow_unverified=allow_unverified)
+        self.card, self.digest = opened.card, opened.digest
+        self.model_sha256, self.verified = opened.sha256, opened.verified
         if self.card.task != "interp":
             raise EngineError(f"model {self.path.name} is a {self.card.task} model, "
                               "not an interpolation model")
-        self.digest = file_digest(self.path)
         norm = self.card.norm()
         if not isinstance(norm, normalize.PercentileNorm):
             raise EngineError(f"model {self.path.name}: interpolation models use percentile "
@@ -76,7 +81,8 @@ class ModelInterpolator:
         self.runtime_kind, self.precision = runtime, precision
         self.runtime: Runtime | None = None
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
-                               runtime="not loaded", precision=precision)
+                               runtime="not loaded", precision=precision,
+                               model_sha256=self.model_sha256, verified=self.verified)
 
     def prepare(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:
@@ -88,7 +94,8 @@ class ModelInterpolator:
         self.runtime = open_runtime(self.runtime_kind, self.path, self.card, self.precision,
                                     shape=(1, 1, *self._padded))
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
-                               runtime=self.runtime.name, precision=self.runtime.precision)
+                               runtime=self.runtime.name, precision=self.runtime.precision,
+                               model_sha256=self.model_sha256, verified=self.verified)
 
     def between(self, a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
         if self.runtime is None:

@@ -19,6 +19,15 @@ same architecture for the shape and runtime in service, touching nothing in serv
 (any thread); `install()` then swaps it in between two frames, keeping the temporal
 window and the noise model; `info.version` becomes the new card's, so every later
 frame's header names it.
+
+Integrity: the model file's network is checked against the SHA-256 its card records
+(`model_file.open_model_card`) when the engine is made, so a changed or damaged file is
+refused before any frame (`ModelIntegrityError`, naming the file) unless
+`allow_unverified` (`--allow-unverified-model`); `info.model_sha256` is the hash of the
+network in service and `info.verified` says whether it matched its card. A replacement
+is always checked (adapted files are written with their own hash); an engine that once
+served an unverified model stays `verified=False` after swaps, since adapted weights
+derive from it.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import numpy as np
 
 from . import normalize
 from .base import CameraCalibration, EngineError, EngineInfo
-from .model_file import ModelCard, file_digest, read_card, resolve_model
+from .model_file import ModelCard, open_model_card, resolve_model
 from .noise_model import CameraNoise
 from .normalize import VSTNorm
 from .runtime import RUNTIME_CHOICES, Runtime, open_runtime
@@ -59,27 +68,32 @@ class ModelReplacement:
     runtime: Runtime
     #: the runtime input shape it was compiled for
     shape: tuple[int, int, int, int]
+    #: SHA-256 of its network (checked against its card)
+    sha256: str
 
 
 class ModelEngine:
     def __init__(self, model: str | None = None, runtime: str = "auto", precision: str = "auto",
-                 tile: int = 2048, halo: int = 32, **options: Any) -> None:
+                 tile: int = 2048, halo: int = 32, allow_unverified: bool = False,
+                 **options: Any) -> None:
         if model is None:
             raise EngineError("engine 'model' needs a model: set engine.options.model to a "
                               "shipped model name or an .onnx path (or pass --model)")
         if options:
-            raise TypeError(f"model engine options: model, runtime, precision, tile, halo; "
-                            f"got unknown {sorted(options)}")
+            raise TypeError(f"model engine options: model, runtime, precision, tile, halo, "
+                            f"allow_unverified; got unknown {sorted(options)}")
         if runtime not in RUNTIME_CHOICES:
             raise EngineError(f"unknown runtime {runtime!r}; choose from "
                               f"{', '.join(RUNTIME_CHOICES)}")
         self.path = resolve_model(model)
-        self.card = read_card(self.path)
+        opened = open_model_card(self.path, allow_unverified=allow_unverified)
+        self.card, self.digest = opened.card, opened.digest
+        #: SHA-256 of the network in service, and whether every model served matched its card
+        self.model_sha256, self.verified = opened.sha256, opened.verified
         self.norm = self.card.norm()
         if self.card.inputs != 1:
             raise EngineError(f"model {self.path.name} is a {self.card.inputs}-frame "
                               f"{self.card.task} model, not a frame-by-frame enhancer")
-        self.digest = file_digest(self.path)
         self.scale = self.card.scale
         self.runtime_kind, self.precision_request = runtime, precision
         self.tile, self.halo = tile, halo
@@ -95,7 +109,8 @@ class ModelEngine:
         self.noise: CameraNoise | None = None
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
                                runtime="not loaded", precision=precision,
-                               scale=self.scale)
+                               scale=self.scale, model_sha256=self.model_sha256,
+                               verified=self.verified)
 
     def prepare(self, shape: tuple[int, ...], dtype: np.dtype[np.generic],
                 calibration: CameraCalibration) -> None:
@@ -123,15 +138,19 @@ class ModelEngine:
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
                                runtime=self.runtime.name if self.runtime else "not loaded",
                                precision=self.runtime.precision if self.runtime else "",
-                               scale=self.scale, noise=noise)
+                               scale=self.scale, noise=noise, model_sha256=self.model_sha256,
+                               verified=self.verified)
 
     def load_replacement(self, path: Path) -> ModelReplacement:
         """`path` compiled for the shape and runtime in service; nothing in service changes,
         so this may run on another thread while frames are processed. EngineError if the
-        file cannot take this model's place (another architecture, window or normalisation)."""
+        file cannot take this model's place (another architecture, window or normalisation);
+        ModelIntegrityError if its network does not match its card (never allowed here:
+        replacements are files dimscope wrote, with their hash)."""
         if self.runtime is None or self._runtime_shape is None:
             raise EngineError("prepare() must run before a model can be swapped in")
-        card = read_card(path)
+        opened = open_model_card(path)
+        card = opened.card
         same = ("task", "arch", "hparams", "scale", "multiple", "inputs", "window",
                 "normalization")
         differ = [k for k in same if getattr(card, k) != getattr(self.card, k)]
@@ -142,7 +161,8 @@ class ModelEngine:
         kind = self.runtime.name if self.runtime.name in RUNTIME_CHOICES else self.runtime_kind
         runtime = open_runtime(kind, path, card, self.precision_request,
                                shape=self._runtime_shape)
-        return ModelReplacement(path, card, file_digest(path), runtime, self._runtime_shape)
+        return ModelReplacement(path, card, opened.digest, runtime, self._runtime_shape,
+                                opened.sha256)
 
     def install(self, new: ModelReplacement) -> None:
         """Put a compiled replacement in service (call between frames, on the thread that
@@ -154,6 +174,7 @@ class ModelEngine:
         old = self.runtime
         self.path, self.card, self.digest, self.runtime = new.path, new.card, new.digest, \
             new.runtime
+        self.model_sha256 = new.sha256  # `verified` stays: the new weights derive from the old
         self._set_info()
         if old is not None and old is not new.runtime:
             old.close()

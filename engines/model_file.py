@@ -6,14 +6,23 @@ runtimes need (architecture, hyper-parameters, scale, input multiple,
 normalisation) and how the model was made (command, data, steps, metrics).
 Shipped models live in `dimscope/engines/models/`; a model is named either by
 a shipped name (`denoise`) or by a path to an `.onnx` file.
+
+Integrity: the card records `weights_sha256`, the SHA-256 of the network — the
+ONNX model with its metadata (the card itself) removed, serialised
+deterministically: graph and every weight. `write_card_metadata` computes it, so
+every export carries it; `open_model_card` recomputes it on load and refuses a
+file whose network differs (or whose card records none) with `ModelIntegrityError`
+naming the file, unless the caller allows unverified models
+(`--allow-unverified-model`): then it warns and reports `verified=False`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +31,13 @@ from .normalize import PercentileNorm, VSTNorm, from_dict
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "models"
 CARD_KEY = "dimscope.card"
+
+log = logging.getLogger(__name__)
+
+
+class ModelIntegrityError(EngineError):
+    """A model file's network (graph + weights) does not match the SHA-256 its card
+    records, or its card records none."""
 
 
 class ModelCard(BaseModel):
@@ -45,6 +61,10 @@ class ModelCard(BaseModel):
     #: how well it does on data it never saw (e.g. the leave-one-fold-out table of
     #: bench/generalization.py for the same recipe), copied in after training
     evaluation: dict[str, Any] = Field(default_factory=dict)
+    #: SHA-256 (hex) of the network: the ONNX model without its metadata (this card),
+    #: serialised deterministically, so graph and weights (`network_sha256`); written by
+    #: `write_card_metadata`, None in cards written before dimscope recorded it
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     def norm(self) -> PercentileNorm | VSTNorm:
         return from_dict(self.normalization)
@@ -82,17 +102,20 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def read_card(path: Path) -> ModelCard:
-    """The card inside an ONNX model file; EngineError naming the file if it is unusable."""
+def _load_proto(path: Path) -> Any:
+    """The ONNX model in `path` (no external data); EngineError naming the file if unusable."""
     import onnx
 
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except FileNotFoundError:
         raise EngineError(f"model file not found: {path}") from None
     except Exception as exc:  # protobuf raises several types for a damaged file
         raise EngineError(f"model file {path} is not a valid ONNX model "
                           f"({type(exc).__name__}: {exc})") from None
+
+
+def _card_of(path: Path, proto: Any) -> ModelCard:
     meta = {p.key: p.value for p in proto.metadata_props}
     if CARD_KEY not in meta:
         raise EngineError(f"model file {path} has no dimscope model card "
@@ -103,18 +126,114 @@ def read_card(path: Path) -> ModelCard:
         raise EngineError(f"model file {path}: invalid model card: {exc}") from None
 
 
-def write_card_metadata(onnx_path: Path, card: ModelCard) -> None:
-    """Store the card in the ONNX file (one file, no external data) and beside it as JSON."""
+def read_card(path: Path) -> ModelCard:
+    """The card inside an ONNX model file; EngineError naming the file if it is unusable.
+    Does not check the weights against the card: loading a model for use goes through
+    `open_model_card`."""
+    return _card_of(path, _load_proto(path))
+
+
+def network_sha256(proto: Any) -> str:
+    """SHA-256 (hex) of a loaded ONNX model's network: the model with its `metadata_props`
+    (where the card lives) cleared, serialised deterministically — graph and initializers,
+    not the card. `proto` is left as it was."""
+    saved = [(p.key, p.value) for p in proto.metadata_props]
+    del proto.metadata_props[:]
+    try:
+        data = proto.SerializeToString(deterministic=True)
+    finally:
+        for key, value in saved:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+    return hashlib.sha256(data).hexdigest()
+
+
+class OpenedModel(NamedTuple):
+    """A model file's card, checked against the file (see `open_model_card`)."""
+
+    card: ModelCard
+    #: SHA-256 of the network actually in the file (equal to the card's when verified)
+    sha256: str
+    #: False only when the network does not match the card (or the card records no hash)
+    #: and the caller allowed it
+    verified: bool
+    #: `file_digest` of the file (model versions in headers, runtime caches)
+    digest: str
+
+
+#: how to get past a ModelIntegrityError, appended to its message
+INTEGRITY_REMEDY = (
+    "re-export it (`dimscope train`), or, if you trust the file as it is, record its hash "
+    "(`dimscope models --stamp FILE`), or load it anyway with --allow-unverified-model "
+    "(option `allow_unverified = true`; every frame it makes then says verified: false)")
+
+
+def integrity_problem(path: Path, card: ModelCard, sha256: str) -> str | None:
+    """Why the network hashing to `sha256` does not match `card`, or None if it does."""
+    if card.weights_sha256 is None:
+        return (f"model file {path}: its model card records no weights SHA-256 (it was "
+                f"written before dimscope recorded one), so its weights cannot be verified")
+    if card.weights_sha256 != sha256:
+        return (f"model file {path} does not match its model card: the card records weights "
+                f"SHA-256 {card.weights_sha256[:16]}…, the file's network (graph and "
+                f"weights) hashes to {sha256[:16]}…, so it was changed or damaged after "
+                f"export")
+    return None
+
+
+def inspect_model(path: Path) -> tuple[OpenedModel, str | None]:
+    """A model file's card and network hash (one read of the file), and why the network does
+    not match the card (None if it does). EngineError if the file is missing or unusable."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise EngineError(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise EngineError(f"model file {path} cannot be read: {exc.strerror or exc}"
+                          ) from None
+    import onnx
+
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises several types for a damaged file
+        raise EngineError(f"model file {path} is not a valid ONNX model "
+                          f"({type(exc).__name__}: {exc})") from None
+    card = _card_of(path, proto)
+    sha256 = network_sha256(proto)
+    problem = integrity_problem(path, card, sha256)
+    return (OpenedModel(card, sha256, problem is None, hashlib.sha256(data).hexdigest()[:12]),
+            problem)
+
+
+def open_model_card(path: Path, allow_unverified: bool = False) -> OpenedModel:
+    """The card of a model file to be used, with the network checked against it (one read
+    of the file). ModelIntegrityError naming the file and the hashes if they differ or the
+    card records none — unless `allow_unverified`: then a warning, and `verified` False."""
+    opened, problem = inspect_model(path)
+    if problem is not None:
+        if not allow_unverified:
+            raise ModelIntegrityError(f"{problem}; refusing to load it: {INTEGRITY_REMEDY}")
+        log.warning("%s; loaded anyway (--allow-unverified-model): every frame it makes says "
+                    "verified: false", problem)
+    return opened
+
+
+def write_card_metadata(onnx_path: Path, card: ModelCard) -> ModelCard:
+    """Store the card in the ONNX file (one file, no external data) and beside it as JSON,
+    with `weights_sha256` set to the file's network (whatever `card` said); returns the
+    card as stored."""
     import onnx
 
     proto = onnx.load(str(onnx_path))
     del proto.metadata_props[:]
+    proto.producer_name = "dimscope"
+    card = card.model_copy(update={"weights_sha256": network_sha256(proto)})
     entry = proto.metadata_props.add()
     entry.key, entry.value = CARD_KEY, card.model_dump_json()
-    proto.producer_name = "dimscope"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(onnx_path), save_as_external_data=False)
     onnx_path.with_suffix(".json").write_text(json.dumps(card.model_dump(), indent=2) + "\n")
+    return card
 
 
 def onnx_weights(path: Path) -> dict[str, Any]:

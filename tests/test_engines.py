@@ -14,7 +14,12 @@ from dimscope.drivers.specimen import Specimen
 from dimscope.engines import CameraCalibration, EngineError, make_engine
 from dimscope.engines.evaluation.quality import score
 from dimscope.engines.model_engine import ModelEngine
-from dimscope.engines.model_file import ModelCard, read_card, shipped_models
+from dimscope.engines.model_file import (
+    ModelCard,
+    read_card,
+    shipped_models,
+    write_card_metadata,
+)
 from dimscope.engines.nets import build_network, multiple_of
 from dimscope.engines.runtime import open_runtime
 from dimscope.engines.runtime.plan_cache import load_plan, plan_key, store_plan
@@ -189,6 +194,7 @@ def test_model_with_fixed_input_shape_that_cannot_fit_the_camera(tmp_path: Path)
         dim.ClearField("dim_param")
         dim.dim_value = value
     onnx.save(proto, str(path))
+    write_card_metadata(path, read_card(path))  # the changed graph gets its own hash
     engine = make_engine("model", model=str(path), runtime="onnxruntime")
     with pytest.raises(EngineError, match=r"fixed 64x64 inputs, but camera frames of 96x128"):
         engine.prepare((96, 128), np.dtype("uint16"), CameraCalibration())

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import normalize
 from ..evaluation.quality import fit_to, normalize_truth, psnr
-from ..model_file import ModelCard, read_card, resolve_model
+from ..model_file import ModelCard, open_model_card, resolve_model
 from ..nets import build_network, count_parameters, multiple_of
 from ..normalize import PercentileNorm, VSTNorm
 from .clips import tif_files
@@ -385,7 +385,8 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     checkpoint = checkpoint or out.with_suffix(".ckpt")
     if settings.init:
         init_path = resolve_model(settings.init)
-        init_card = read_card(init_path)
+        # Checked against its card: fine-tuning changed weights would give them a fresh hash.
+        init_card = open_model_card(init_path).card
         if init_card.task != settings.task:
             raise ValueError(f"cannot fine-tune a {init_card.task} model for {settings.task}")
         settings.arch, settings.hparams = init_card.arch, dict(init_card.hparams)
@@ -481,6 +482,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
                   "date": time.strftime("%Y-%m-%d"),
                   # how the starting point was made, so the card tells the whole recipe
                   **({"fine_tuned_from": {"version": init_card.version,
+                                          "weights_sha256": init_card.weights_sha256,
                                           "training": init_card.training}}
                      if settings.init else {})})
     export_onnx(net, card, out)
