@@ -266,9 +266,9 @@ class TrustConfig(StrictModel):
         "alert: sets the local z threshold for the frame size")
     flag_sigma: float = Field(3.0, gt=0, description="a map pixel beyond this local z counts "
                               "as flagged (the score's flagged_fraction)")
-    max_spread_ratio: float = Field(
-        2.0, ge=0, description="also alert when the residual's spread is off by more than this "
-        "factor either way (inconsistent everywhere); 0 = never")
+    max_residual_sd: float = Field(
+        2.0, ge=0, description="also alert when the residual's robust spread (1 for an "
+        "honest restoration) is above this: inconsistent everywhere; 0 = never")
 
 
 class InterpolateNodeConfig(_NodeConfig):
@@ -349,14 +349,19 @@ def with_overrides(config: Config, *, engine: str | None = None,
     if model is not None:
         data["engine"]["options"] = {**data["engine"]["options"], "model": model}
     if allow_unverified_model:
-        engines = [data["engine"], *data["engine"]["tiers"],
-                   *(s for s in data["stages"] if s.get("kind") == "engine")]
+        engines = [data["engine"], *data["engine"]["tiers"]]
+        interpolators = [data["interpolate"]]
+        for node in data["stages"]:
+            if node.get("kind") == "engine":
+                engines += [{**node, "name": node["engine"]}, *node["tiers"]]
+            elif node.get("kind") == "interpolate":
+                interpolators.append(node)
         for item in engines:
-            if item.get("name", item.get("engine")) in MODEL_ENGINES:
-                item["options"] = {**item["options"], "allow_unverified": True}
-        if data["interpolate"]["method"] == "model":
-            data["interpolate"]["options"] = {**data["interpolate"]["options"],
-                                              "allow_unverified": True}
+            if item["name"] in MODEL_ENGINES:
+                item["options"]["allow_unverified"] = True
+        for item in interpolators:
+            if item["method"] == "model":
+                item["options"]["allow_unverified"] = True
     return parse_config(data, origin="command line")
 
 

@@ -150,7 +150,7 @@ def trust_settings(cfg: TrustConfig) -> TrustSettings | None:
     if not cfg.enabled:
         return None
     return TrustSettings(false_alarm_rate=cfg.false_alarm_rate, flag_sigma=cfg.flag_sigma,
-                         max_spread_ratio=cfg.max_spread_ratio)
+                         max_residual_sd=cfg.max_residual_sd)
 
 
 def _publish(node: PublishNodeConfig, ctx: BuildContext) -> Stage:

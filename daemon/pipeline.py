@@ -60,7 +60,8 @@ def _engine_report(info: Any) -> EngineReport | None:
     if info is None:
         return None
     return EngineReport(name=info.name, version=info.version, runtime=info.runtime,
-                        precision=info.precision, scale=info.scale)
+                        precision=info.precision, scale=info.scale,
+                        model_sha256=info.model_sha256 or None, verified=info.verified)
 
 
 def _budget(engine: Any) -> BudgetReport | None:

@@ -69,6 +69,8 @@ class EngineReport(_Report):
     runtime: str
     precision: str
     scale: int
+    model_sha256: str | None = None
+    verified: bool = True
 
 
 class BudgetReport(_Report):

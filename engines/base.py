@@ -24,8 +24,9 @@ class EngineInfo:
     #: the noise model the engine uses (noise-aware engines), e.g. "var = 2·x − 190 ADU²
     #: (calibration)"; empty for engines that do not use one
     noise: str = ""
-    #: SHA-256 (hex) of the model's network (graph + weights) as its card records it;
-    #: empty for engines without a model file
+    #: SHA-256 (hex) of the network (graph + weights) that made the frame — the card's
+    #: recorded hash when verified, else the hash of what was actually loaded; empty for
+    #: engines without a model file
     model_sha256: str = ""
     #: False only when a model whose weights do not match its card was loaded anyway
     #: (`--allow-unverified-model`); every frame it makes says so

@@ -23,14 +23,15 @@ Per frame (`TrustMeter.measure`):
 - the **score**: mean |z| and the robust residual spread (both ≈ 0.8 and 1 for an
   honest restoration; 0 for the raw frame itself), the share of map pixels beyond
   3σ, the strongest local z, and `alert` — true when the strongest local z passes the
-  threshold at which white noise alone would alert on `false_alarm_rate` of frames
-  (random-field theory: the expected Euler characteristic of the smoothed fields,
-  Worsley et al. 1996), or when the residual spread is far from 1 (a restoration
-  inconsistent everywhere).
+  threshold at which white noise alone would alert on about `false_alarm_rate` of
+  frames (`alert_threshold`: random-field theory and the union bound), or when the
+  residual spread is well above 1 (a restoration inconsistent everywhere; a spread below 1
+  only means the engine left noise in).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,8 +53,9 @@ class TrustSettings:
     false_alarm_rate: float = 1e-3
     #: a map pixel beyond this local z counts as flagged (`flagged_fraction`)
     flag_sigma: float = 3.0
-    #: alert when the robust residual spread is outside [1/this, this] (0 = never)
-    max_spread_ratio: float = 2.0
+    #: alert when the robust residual spread is above this (0 = never): the enhanced frame
+    #: disagrees with the raw frame everywhere
+    max_residual_sd: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,19 +92,28 @@ class TrustReport:
 
 def alert_threshold(shape: tuple[int, int], false_alarm_rate: float,
                     scales: tuple[float, ...] = SCALES) -> float:
-    """The local z at which unit white noise, smoothed at `scales`, exceeds it (either sign)
-    anywhere in a frame of `shape` with probability `false_alarm_rate`.
+    """The local z at which unit white noise, smoothed at `scales` (camera pixels; the
+    smallest on the camera's grid, the others on the 2×2-binned one), exceeds it (either
+    sign) anywhere in a frame of `shape` with probability about `false_alarm_rate` (an
+    upper bound: it errs towards fewer alerts).
 
-    Expected Euler characteristic of a 2-D Gaussian field smoothed with a Gaussian of
-    sigma s: area / (2 s²) · (2π)^(-3/2) · u · exp(−u²/2) per tail; summed over scales
-    and both tails, solved for u by bisection.
+    Per scale, the smaller of two tail estimates of the maximum: the expected Euler
+    characteristic of a smooth 2-D Gaussian field (area / (2 s²) · (2π)^(-3/2) · u ·
+    exp(−u²/2) per tail; Worsley et al. 1996), and the union bound over the field's
+    samples (exact in the limit of white fields).
     """
-    area = float(shape[0] * shape[1])
+    full = float(shape[0] * shape[1])
+    half = float(((shape[0] + 1) // 2) * ((shape[1] + 1) // 2))
 
     def rate(u: float) -> float:
-        per_tail = sum(area / (2.0 * s * s) for s in scales) * (2 * math.pi) ** -1.5 * u \
-            * math.exp(-u * u / 2.0)
-        return 2.0 * per_tail
+        tail = 0.5 * math.erfc(u / math.sqrt(2.0))
+        total = 0.0
+        for i, s in enumerate(scales):
+            samples, s_grid = (full, s) if i == 0 else (half, s / 2.0)
+            euler = samples / (2.0 * s_grid**2) * (2 * math.pi) ** -1.5 * u * math.exp(
+                -u * u / 2.0)
+            total += 2.0 * min(euler, samples * tail)
+        return total
 
     lo, hi = 2.0, 12.0
     for _ in range(60):
@@ -111,12 +122,28 @@ def alert_threshold(shape: tuple[int, int], false_alarm_rate: float,
     return hi
 
 
+def _kernel(sigma: float) -> np.ndarray:
+    return np.asarray(cv2.getGaussianKernel(2 * math.ceil(3 * sigma) + 1, sigma, cv2.CV_32F))
+
+
+@functools.lru_cache(maxsize=32)
+def _unit_gain(shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """1 / the standard deviation of white unit noise smoothed at `sigma` with zeros outside
+    the frame, per pixel: the smoothed residual times this has unit variance everywhere,
+    also at the borders (where fewer pixels contribute)."""
+    k2 = _kernel(sigma) ** 2
+    inside = np.ones(shape, np.float32)
+    var = cv2.sepFilter2D(inside, cv2.CV_32F, k2, k2, borderType=cv2.BORDER_CONSTANT)
+    gain = np.asarray(1.0 / np.sqrt(var), np.float32)
+    gain.flags.writeable = False
+    return gain
+
+
 def _smoothed(z: np.ndarray, sigma: float) -> np.ndarray:
     """z smoothed with a Gaussian of `sigma` px, scaled to unit variance for white z."""
-    k = cv2.getGaussianKernel(2 * math.ceil(3 * sigma) + 1, sigma, cv2.CV_32F)
-    gain = float(np.sum(k**2))  # separable: the 2-D kernel's sum of squares is gain²
-    out = np.asarray(cv2.sepFilter2D(z, cv2.CV_32F, k, k, borderType=cv2.BORDER_REFLECT))
-    return out * np.float32(1.0 / gain)
+    k = _kernel(sigma)
+    out = np.asarray(cv2.sepFilter2D(z, cv2.CV_32F, k, k, borderType=cv2.BORDER_CONSTANT))
+    return out * _unit_gain((z.shape[0], z.shape[1]), sigma)
 
 
 def _even(image: np.ndarray) -> np.ndarray:
@@ -140,6 +167,15 @@ def _robust_sd(values: np.ndarray) -> float:
     sample = flat[:: max(1, flat.size // 4096)]
     med = float(np.median(sample))
     return 1.4826 * float(np.median(np.abs(sample - med)))
+
+
+def _pool_abs_max(image: np.ndarray) -> np.ndarray:
+    """2×2 pooling that keeps the value of largest magnitude (signed)."""
+    image = _even(image)
+    views = (image[0::2, 0::2], image[0::2, 1::2], image[1::2, 0::2], image[1::2, 1::2])
+    high = np.maximum(np.maximum(views[0], views[1]), np.maximum(views[2], views[3]))
+    low = np.minimum(np.minimum(views[0], views[1]), np.minimum(views[2], views[3]))
+    return np.where(high >= -low, high, low)
 
 
 def forward_model(enhanced: np.ndarray, scale: int) -> np.ndarray:
@@ -197,34 +233,37 @@ class TrustMeter:
         # Below the camera's offset the model's variance falls to 0, but read noise never
         # does: floor it at the variance of the frame's dark areas (the 5th percentile of
         # the expected level — background in fluorescence; a higher, safer level otherwise).
-        dark = float(np.percentile(expected.ravel()[:: max(1, expected.size // 4096)], 5))
-        floor = max(model.alpha * dark + model.beta, 1e-3 * float(np.median(variance)), 1e-6)
+        levels = expected.ravel()[:: max(1, expected.size // 4096)]
+        dark = float(np.percentile(levels, 5))
+        floor = max(model.alpha * dark + model.beta,
+                    1e-3 * (model.alpha * float(np.median(levels)) + model.beta), 1e-6)
         np.maximum(variance, np.float32(floor), out=variance)
-        z = raw.astype(np.float32) - expected
-        z /= np.sqrt(variance)
+        z = np.asarray(cv2.subtract(raw.astype(np.float32, copy=False), expected))
+        z = np.asarray(cv2.divide(z, np.asarray(cv2.sqrt(variance))))
         residual_sd = _robust_sd(z)
-        mean_abs_z = float(np.mean(np.abs(z)))
+        mean_abs_z = float(cv2.norm(z, cv2.NORM_L1)) / z.size
+        # The smallest scale on the camera's grid (puncta of about the PSF's size), pooled
+        # to half resolution; the larger ones on the 2×2-binned residual (a quarter of the
+        # pixels to filter).
         half = _bin2(z)
-        # All scales on the 2×2-binned residual (half the pixels to filter; the smallest
-        # scale then acts like ~1.1 camera pixels).
-        fields = [_smoothed(half, s / 2.0) for s in SCALES]
+        fields = [_smoothed(z, SCALES[0]), *(_smoothed(half, s / 2.0) for s in SCALES[1:])]
         best: np.ndarray | None = None
-        for field in fields:
+        for i, field in enumerate(fields):
             # Normalise by the field's own spread, but never below the white-noise level:
             # a frame whose residual is small (enhanced ≈ raw) must not look noisy.
             field *= np.float32(1.0 / max(_robust_sd(field), 1.0))
-            if best is None:
-                best = field
-            else:
-                take = np.abs(field) > np.abs(best)
-                best = np.where(take, field, best)
+            if i == 0:
+                field = _pool_abs_max(field)
+            best = field if best is None else np.where(np.abs(field) > np.abs(best), field,
+                                                       best)
         assert best is not None
         k = int(np.argmax(np.abs(best)))
         max_z = float(best.flat[k])
         threshold = self.threshold(raw.shape[:2])
         s = self.settings
-        spread_bad = s.max_spread_ratio > 0 and residual_sd > 0 and not (
-            1.0 / s.max_spread_ratio <= residual_sd <= s.max_spread_ratio)
+        # Too large a residual everywhere is inconsistent; too small one only means the
+        # engine left noise in (consistent with the data, so no alert).
+        spread_bad = s.max_residual_sd > 0 and residual_sd > s.max_residual_sd
         score = TrustScore(
             mean_abs_z=mean_abs_z, residual_sd=residual_sd,
             flagged_fraction=float(np.mean(np.abs(best) > s.flag_sigma)), max_z=max_z,

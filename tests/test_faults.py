@@ -297,7 +297,7 @@ def test_subscriber_refuses_a_message_larger_than_its_limit() -> None:
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
     pub.bind(address)
-    header = json.dumps({"schema": "dimscope.frame/1", "seq": 0, "frame_id": 0,
+    header = json.dumps({"schema": "dimscope.frame/2", "seq": 0, "frame_id": 0,
                          "shape": [4 * 2**20], "dtype": "<u1"}).encode()
     try:
         with Subscriber(address, topics=["raw"], max_message_bytes=2**20) as small, \

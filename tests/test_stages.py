@@ -96,7 +96,8 @@ def test_wire_header_round_trip_over_a_real_socket() -> None:
     h = msgs[2].header
     assert h["schema"] == SCHEMA and h["kind"] == "enhanced" and h["dtype"] == "<u2"
     assert h["engine"] == {"name": "vst_gaussian", "version": "1-sigma1.5", "runtime": "numpy",
-                           "precision": "fp32", "scale": 1}
+                           "precision": "fp32", "scale": 1, "model_version": "1-sigma1.5",
+                           "adaptation": None, "model_sha256": None, "verified": True}
     assert set(h["latency_ms"]) == {"engine_done", "published", "total"}
     np.testing.assert_array_equal(msgs[2].pixels, np.full((8, 12), 3, np.uint16))
 
