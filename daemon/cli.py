@@ -253,6 +253,11 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                 gap = f"  t={h['t']:g} of {h['source_ids']}" + gap
             if "budget" in h:
                 gap = f"  budget {h['budget']}" + gap
+            if h.get("trust"):
+                tr = h["trust"]
+                gap = f"  trust z {tr['max_z']:+.1f}{' ALERT' if tr['alert'] else ''}" + gap
+            if h.get("engine") and not h["engine"].get("verified", True):
+                gap = "  UNVERIFIED MODEL" + gap
             print(f"{msg.topic:<9} frame {h['frame_id']:>7} seq {h['seq']:>7} "
                   f"{'x'.join(map(str, h['shape']))} {h['dtype']} engine {engine} "
                   f"latency {lat:6.2f} ms{gap}", flush=True)
@@ -389,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("subscribe", help="print (and optionally save) published frames")
     s.add_argument("--address", default="tcp://127.0.0.1:5555")
-    s.add_argument("--topic", choices=["raw", "enhanced", "interpolated"], default=None)
+    s.add_argument("--topic", choices=["raw", "enhanced", "interpolated", "trust"], default=None)
     s.add_argument("--count", type=int, default=None)
     s.add_argument("--timeout", type=float, default=None,
                    help="give up if no frame arrives within S seconds")
