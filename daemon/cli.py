@@ -113,7 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config = with_overrides(load_config(args.config), engine=args.engine, model=args.model,
-                                allow_unverified_model=args.allow_unverified_model)
+                                allow_unverified_model=args.allow_unverified_model,
+                                insecure=args.insecure, json_logs=args.log_json)
         sequence = None
         if args.mda is not None:
             from .mda import load_sequence
@@ -389,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(overrides the config)")
     r.add_argument("--summary-json", type=Path, default=None, help="write the summary as JSON")
     r.add_argument("--allow-unverified-model", action="store_true", help=_ALLOW_UNVERIFIED_HELP)
+    r.add_argument("--insecure", action="store_true",
+                   help="allow a control socket bound beyond loopback without CURVE "
+                        "(control.insecure)")
+    r.add_argument("--log-json", action="store_true",
+                   help="structured logs: one JSON object per line on stderr "
+                        "(logging.json_logs)")
     r.add_argument("-q", "--quiet", action="store_true", help="no live status line")
     r.set_defaults(func=cmd_run)
 
@@ -409,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-unverified-model", action="store_true", help=_ALLOW_UNVERIFIED_HELP)
     c.set_defaults(func=cmd_check_config)
 
+    from .cli_control import add_control_parsers
     from .cli_enhance import add_adapt_parser, add_enhance_parser
+    from .cli_keys import add_security_parsers
     from .cli_models import add_eval_parser, add_models_parser, add_train_parser
 
     add_train_parser(sub)
@@ -417,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub)
     add_enhance_parser(sub)
     add_adapt_parser(sub)
+    add_control_parsers(sub)  # ctl
+    add_security_parsers(sub)  # keys, relay
 
     rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
     rc.add_argument("run_dir", type=Path)

@@ -206,6 +206,8 @@ class PublishConfig(StrictModel):
         "subscribers before the socket closes (the tail of every stream)")
     raw: bool = True
     enhanced: bool = True
+    curve: bool = Field(False, description="encrypt and authenticate the data streams with "
+                        "CURVE (keys from [security]); subscribers need an allowed key")
     trust: bool = Field(True, description="publish each enhanced frame's trust map on topic "
                         "`trust` (needs `[trust] enabled`)")
 
@@ -214,6 +216,59 @@ class PublishConfig(StrictModel):
     def _endpoint(cls, address: str) -> str:
         check_endpoint(address, bind=True)
         return address
+
+
+class SecurityConfig(StrictModel):
+    """CURVE keys (ZeroMQ's elliptic-curve encryption and authentication, `zmq.auth`).
+
+    Key files are those `dimscope keys` (or `zmq.auth.create_certificates`) writes: the
+    daemon's secret key file, and a folder of the public key files of the clients allowed
+    to connect (an allow-list; any other key is refused and logged).
+    """
+
+    server_secret_key: Path | None = Field(
+        None, description="the daemon's `*.key_secret` file (relative to the config)")
+    allowed_clients: Path | None = Field(
+        None, description="folder of client `*.key` public key files allowed to connect")
+
+    @field_validator("server_secret_key", "allowed_clients", mode="after")
+    @classmethod
+    def _relative_to_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else resolve_path(path, info)
+
+
+class ControlConfig(StrictModel):
+    """The control socket (ZMQ ROUTER, JSON requests; docs/control.md)."""
+
+    enabled: bool = True
+    address: str | None = Field(
+        None, description="ROUTER endpoint; default tcp://127.0.0.1:5556 — when that port is "
+        "taken (another daemon), an ephemeral loopback port, said in the log and in the run "
+        "folder's control.json")
+    curve: bool = Field(False, description="require CURVE (keys from [security])")
+    insecure: bool = Field(
+        False, description="allow binding beyond loopback without CURVE (--insecure)")
+    max_message_bytes: int = Field(65536, ge=1024, le=16 * 2**20,
+                                   description="larger requests are refused")
+
+    @field_validator("address")
+    @classmethod
+    def _endpoint(cls, address: str | None) -> str | None:
+        if address is not None:
+            check_endpoint(address, bind=True)
+        return address
+
+
+class MetricsConfig(StrictModel):
+    """Prometheus metrics over HTTP (`prometheus-client`)."""
+
+    address: str | None = Field(
+        None, description="host:port to serve /metrics on, e.g. 127.0.0.1:9464; none = off")
+
+
+class LoggingConfig(StrictModel):
+    json_logs: bool = Field(False, description="one JSON object per log line on stderr "
+                            "(--log-json), for journald/Loki/ELK")
 
 
 #: node and topic names: lower-case words (they become file, metric and topic names)
@@ -333,15 +388,21 @@ MODEL_ENGINES = ("denoise", "sr2", "model")
 
 
 def with_overrides(config: Config, *, engine: str | None = None,
-                   model: str | None = None, allow_unverified_model: bool = False) -> Config:
+                   model: str | None = None, allow_unverified_model: bool = False,
+                   insecure: bool = False, json_logs: bool = False) -> Config:
     """The config with command-line overrides applied, validated like the file itself.
 
     `allow_unverified_model` (`--allow-unverified-model`) lets every model this run loads
     (the engine's, its tiers', `[[stages]]` engines' and the interpolation model) load even
     when its weights do not match its card's SHA-256; their frames then say so."""
-    if engine is None and model is None and not allow_unverified_model:
+    if engine is None and model is None and not (allow_unverified_model or insecure
+                                                 or json_logs):
         return config
     data = config.model_dump(mode="python")
+    if insecure:
+        data["control"]["insecure"] = True
+    if json_logs:
+        data["logging"]["json_logs"] = True
     if engine is not None and engine != data["engine"]["name"]:
         data["engine"] = {**data["engine"], "name": engine,
                           "options": {k: v for k, v in data["engine"]["options"].items()
@@ -410,6 +471,10 @@ class Config(StrictModel):
         None, description="a useq MDASequence (inline keys, or `file` = YAML/JSON path relative "
         "to the config): run this time-lapse instead of live streaming")
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     trust: TrustConfig = Field(default_factory=TrustConfig)
     stages: tuple[NodeConfig, ...] = Field(
         (), description="extra nodes of the frame graph, each naming its upstream "
