@@ -20,8 +20,10 @@ from typing import Literal
 
 import zmq
 
+from .config import PublishConfig, SecurityConfig
 from .frame import Frame
 from .metrics import LatencyWindow
+from .security import CurveServer, check_exposure
 from .sinks import SinkStage
 from .stage import OverflowPolicy
 from .wire import encode_header, trust_frame
@@ -32,34 +34,48 @@ log = logging.getLogger(__name__)
 MAX_SUBSCRIPTION_BYTES = 1024
 
 
-def is_open_to_network(address: str) -> bool:
-    """A tcp bind on every interface (`*`, 0.0.0.0, ::) rather than one address."""
-    scheme, _, rest = address.partition("://")
-    host = rest.rpartition(":")[0].strip("[]")
-    return scheme == "tcp" and host in ("*", "0.0.0.0", "::")
-
-
 class PublishSocket:
-    """The one PUB socket, shared by the topic stages (sends are serialised by a lock)."""
+    """The one PUB socket, shared by the topic stages (sends are serialised by a lock).
 
-    def __init__(self, address: str, send_hwm: int, linger_ms: int = 1000) -> None:
+    With `curve` (a `security.CurveServer`) the streams are encrypted and only clients
+    whose public keys are allowed receive anything; the socket owns it and closes it."""
+
+    def __init__(self, address: str, send_hwm: int, linger_ms: int = 1000,
+                 curve: CurveServer | None = None) -> None:
         self.address = address
         self.linger_ms = linger_ms
+        self.curve = curve
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.setsockopt(zmq.SNDHWM, send_hwm)  # must precede bind to take effect
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         try:
             self._sock.bind(address)
         except zmq.ZMQError as exc:
             self._sock.close(0)
+            if curve is not None:
+                curve.close()
             raise OSError(f"cannot bind ZeroMQ publisher to {address}: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if is_open_to_network(address):
-            log.warning("publishing on %s: the raw and enhanced streams are open to every "
-                        "host that can reach this machine (bind 127.0.0.1 to keep them local)",
-                        self.endpoint)
+        check_exposure(address, what=f"publishing on {self.endpoint}: the data streams",
+                       curve=curve is not None)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, publish: PublishConfig, security: SecurityConfig) -> PublishSocket:
+        """The socket `[publish]` describes; CURVE with `[security]` keys when
+        `publish.curve` (SecurityError names a missing key)."""
+        curve = (CurveServer(security.server_secret_key, security.allowed_clients)
+                 if publish.curve else None)
+        return cls(publish.address, publish.send_hwm, publish.linger_ms, curve=curve)
+
+    def monitor(self) -> zmq.Socket[bytes]:
+        """A socket receiving this socket's connection events (`zmq.utils.monitor`), e.g.
+        to see how many peers it serves; the caller closes it."""
+        with self._lock:
+            return self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
 
     def send(self, topic: bytes, header: bytes, pixels: memoryview) -> bool:
         with self._lock:
@@ -80,6 +96,8 @@ class PublishSocket:
         """
         with self._lock:
             self._sock.close(self.linger_ms)
+        if self.curve is not None:
+            self.curve.close()
 
 
 #: what a topic sends of each frame: the frame itself, or its trust map (`wire.trust_frame`)

@@ -16,6 +16,7 @@ starts with a warning.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger(__name__)
 
-#: the ZAP domain dimscope's server sockets authenticate in
+#: ZAP domains of dimscope's server sockets: "dimscope-N", one per CurveServer, so servers
+#: with different allow-lists can share a process (a relay test, control + data)
 ZAP_DOMAIN = "dimscope"
+_domains = itertools.count(1)
 
 
 class SecurityError(ValueError):
@@ -106,9 +109,38 @@ class AllowList:
         return ok
 
 
+#: one ZAP authenticator per ZeroMQ context (ZeroMQ allows only one handler per context);
+#: shared by the CurveServers on that context (the control socket, the publisher), counted
+_AUTHENTICATORS: dict[int, tuple[ThreadAuthenticator, int]] = {}
+_AUTH_LOCK = threading.Lock()
+
+
+def _acquire_authenticator(context: zmq.Context[Any]) -> ThreadAuthenticator:
+    with _AUTH_LOCK:
+        auth, users = _AUTHENTICATORS.get(id(context), (None, 0))
+        if auth is None:
+            auth = ThreadAuthenticator(context, log=logging.getLogger(f"{__name__}.zap"))
+            auth.start()
+        _AUTHENTICATORS[id(context)] = (auth, users + 1)
+        return auth
+
+
+def _release_authenticator(context: zmq.Context[Any]) -> None:
+    with _AUTH_LOCK:
+        auth, users = _AUTHENTICATORS.get(id(context), (None, 0))
+        if auth is None:
+            return
+        if users <= 1:
+            del _AUTHENTICATORS[id(context)]
+            auth.stop()
+        else:
+            _AUTHENTICATORS[id(context)] = (auth, users - 1)
+
+
 class CurveServer:
-    """The daemon's side of CURVE: one ZAP authenticator on a ZeroMQ context, and the
-    server key pair applied to each server socket (`apply`) before it binds."""
+    """The daemon's side of CURVE: the ZAP authenticator of a ZeroMQ context (shared by
+    every CurveServer on it) with the allow-list, and the server key pair applied to each
+    server socket (`apply`) before it binds."""
 
     def __init__(self, server_secret_key: Path | None, allowed_clients: Path | None,
                  context: zmq.Context[Any] | None = None) -> None:
@@ -118,20 +150,22 @@ class CurveServer:
                                 "`.key` files); create them with `dimscope keys`")
         self.public_key, self._secret_key = load_key_pair(server_secret_key)
         self.allow = AllowList(allowed_clients)
-        self._auth = ThreadAuthenticator(context or zmq.Context.instance(),
-                                         log=logging.getLogger(f"{__name__}.zap"))
-        self._auth.start()
-        self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)
+        self._context = context or zmq.Context.instance()
+        self.domain = f"{ZAP_DOMAIN}-{next(_domains)}"
+        self._auth: ThreadAuthenticator | None = _acquire_authenticator(self._context)
+        self._auth.configure_curve_callback(self.domain, credentials_provider=self.allow)
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         """Make `sock` a CURVE server (call before bind)."""
-        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.zap_domain = self.domain.encode()
         sock.curve_secretkey = self._secret_key
         sock.curve_publickey = self.public_key
         sock.curve_server = True
 
     def close(self) -> None:
-        self._auth.stop()
+        if self._auth is not None:
+            self._auth = None
+            _release_authenticator(self._context)
 
 
 def curve_client(sock: zmq.Socket[Any], server_public_key: Path,
