@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import signal
@@ -13,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .summary import LatencyStats, RunSummary, StageStats
+from .summary import LatencyStats, RunState, RunSummary, StageStats
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# Named, not __name__: under `python -m dimscope.daemon.cli` that would be "__main__".
+log = logging.getLogger("dimscope.daemon.cli")
 
 
 def _fmt_status(p: Any, width: int = 79) -> str:
@@ -78,6 +82,25 @@ def _print_summary(s: RunSummary) -> None:
         print(f"ERROR: {s.error}", file=out)
 
 
+def _say(text: str, level: int = logging.INFO, **fields: Any) -> None:
+    """What `run` tells its operator: printed to stderr as always, or — under `--log-json` —
+    one log record (the `dimscope: ` prefix dropped), so that only JSON reaches stderr."""
+    from .logs import json_logs_enabled
+
+    if json_logs_enabled():
+        log.log(level, text.strip().removeprefix("dimscope: "), extra=fields)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _use_json_logs(enabled: bool) -> None:
+    from .logs import use_json_logs
+
+    use_json_logs(enabled)
+    # The CLI's own messages are INFO (they are printed regardless of -v without JSON).
+    log.setLevel(logging.INFO if enabled else logging.NOTSET)
+
+
 def _announce_data_rate(pipeline: Any) -> None:
     """Say at start how fast the archive will grow, and warn where that is a lot."""
     import shutil
@@ -93,28 +116,177 @@ def _announce_data_rate(pipeline: Any) -> None:
     text = (f"archive grows up to {rate / 1e6:.0f} MB/s ({rate * 3600 / 1e9:.0f} GB/h) at "
             f"{exposure_ms:g} ms exposure; {free / 1e9:.1f} GB free there (~{minutes:.0f} min)")
     if rate > _FAST_ARCHIVE_BYTES_S:
-        print(f"dimscope: WARNING: {text} — point --out / archive.out_dir at a fast disk "
-              "with room", file=sys.stderr)
+        _say(f"dimscope: WARNING: {text} — point --out / archive.out_dir at a fast disk "
+             "with room", logging.WARNING)
     else:
-        print(f"dimscope: {text}", file=sys.stderr)
+        _say(f"dimscope: {text}")
 
 
 #: a run that writes faster than this is announced with a warning at start
 _FAST_ARCHIVE_BYTES_S = 40e6
 
 
+def _run_config(args: argparse.Namespace) -> Any:
+    """The config file with this command line's overrides (also what a reload re-reads)."""
+    from .config import load_config, with_overrides
+
+    return with_overrides(load_config(args.config), engine=args.engine, model=args.model,
+                          allow_unverified_model=args.allow_unverified_model,
+                          insecure=args.insecure, json_logs=args.log_json)
+
+
+def _first_frame_stored(pipeline: Any) -> bool:
+    """READY means data is being kept: a frame's pixels are in the archive and its index
+    line is on disk (the index trails the pixels by up to 20 ms)."""
+    from .archive import INDEX_NAME
+
+    archive = pipeline.stage("archive")
+    if archive is None or archive.counters.passed < 1 or pipeline.run_dir is None:
+        return False
+    try:
+        return bool((pipeline.run_dir / INDEX_NAME).stat().st_size > 0)
+    except OSError:
+        return False
+
+
+def _frames_stored(pipeline: Any) -> int:
+    archive = pipeline.stage("archive")
+    return int(archive.counters.passed) if archive is not None else 0
+
+
+def _expected_gap_s(pipeline: Any) -> float:
+    """How long frames may legitimately not arrive: two exposures, plus the longest planned
+    wait of an MDA time-lapse. The watchdog keeps pinging through such a gap."""
+    gap = 2 * max(float(pipeline.source.core.getExposure()), 0.0) / 1000.0
+    plan = getattr(pipeline.mda_sequence, "time_plan", None)
+    if plan is not None:
+        times = [float(t) for t in plan]
+        gap += max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+    return gap
+
+
+class _ServiceStatus:
+    """`STATUS=` for systemd: state, frames archived and their recent rate, losses, engine."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self._last = (time.monotonic(), 0)
+        #: set when the stop begins, before `Pipeline.stop()` changes the pipeline's state
+        self.stopping = False
+
+    def __call__(self) -> str:
+        s: RunSummary = self.pipeline.summary()
+        now = time.monotonic()
+        t0, n0 = self._last
+        self._last = (now, s.archived)
+        fps = (s.archived - n0) / (now - t0) if now > t0 else 0.0
+        archive = s.stages.get("archive") or StageStats()
+        drops = sum(v.dropped for name, v in s.stages.items() if name != "archive")
+        engine = s.stages.get("engine")
+        if s.engine_info is None or (engine is not None and engine.error):
+            what = "RAW ONLY (engine unavailable)"
+        else:
+            e = s.engine_info
+            what = f"engine {e.name} {e.version} on {e.runtime}"
+            if s.budget:
+                what += f" tier {s.budget.tier}"
+        state = {RunState.IDLE: "starting"}.get(s.state, s.state.value)  # before start()
+        if self.stopping and s.state is RunState.RUNNING:
+            state = "stopping"
+        text = (f"{state}: {s.archived} frames archived ({fps:.1f}/s), "
+                f"lost {archive.dropped}, dropped by slower stages {drops}; {what}")
+        if state == "starting":
+            text += "; waiting for the first frame"
+        elif state == "stopping":
+            text += f"; {archive.depth} frame(s) still to archive"
+        return text + (f"; ERROR {s.error}" if s.error else "")
+
+
+class _Reloader:
+    """SIGHUP: re-read the config file. What can change live is applied (`logging.json_logs`,
+    `metrics.address`); every other changed key is named as needing a restart, and the run
+    goes on unchanged — a reload never touches acquisition, so no frame is lost."""
+
+    def __init__(self, args: argparse.Namespace, config: Any, collector: Any,
+                 metrics: Any) -> None:
+        self.args = args
+        self.running = config
+        self.collector = collector
+        self.metrics = metrics
+
+    def __call__(self) -> str:
+        from .config import ConfigError
+        from .service import config_changes
+
+        where = str(self.args.config or "the embedded default config")
+        try:
+            new = _run_config(self.args)
+        except ConfigError as exc:
+            _say(f"dimscope: reload: {exc}\nrunning on with the configuration loaded before",
+                 logging.ERROR)
+            return f"reload of {where} failed: invalid config, nothing changed"
+        changed = config_changes(self.running.model_dump(mode="json"),
+                                 new.model_dump(mode="json"))
+        applied: list[str] = []
+        if "logging.json_logs" in changed:
+            _use_json_logs(new.logging.json_logs)
+            self.running = self.running.model_copy(update={"logging": new.logging})
+            applied.append("logging.json_logs")
+        if "metrics.address" in changed and self._move_metrics(new.metrics.address):
+            self.running = self.running.model_copy(update={"metrics": new.metrics})
+            applied.append("metrics.address")
+        pending = [key for key in changed if key not in applied]
+        if pending:
+            _say(f"dimscope: reload: {len(pending)} changed key(s) need a restart to take "
+                 f"effect (systemctl restart dimscope): {', '.join(pending)}", logging.WARNING,
+                 needs_restart=pending)
+        outcome = (f"reloaded {where}: "
+                   + (f"applied {', '.join(applied)}" if applied else "nothing applied")
+                   + (f"; {len(pending)} key(s) need a restart" if pending else "")
+                   + ("" if changed else " (no changes)"))
+        _say(f"dimscope: {outcome}", applied=applied)
+        return outcome
+
+    def _move_metrics(self, address: str | None) -> bool:
+        """Serve /metrics on the new address (bound before the old one closes); False, with
+        the reason said, when it cannot bind there — the old server stays."""
+        from .prometheus import MetricsServer
+
+        new = None
+        if address is not None:
+            try:
+                new = MetricsServer(address, self.collector)
+            except (ValueError, OSError) as exc:
+                _say(f"dimscope: reload: {exc}; /metrics stays where it was", logging.ERROR)
+                return False
+        if self.metrics is not None:
+            self.metrics.close()
+        self.metrics = new
+        _say(f"dimscope: metrics on {new.url}" if new else "dimscope: metrics off")
+        return True
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from dimscope.drivers import SourceError
     from dimscope.engines import EngineError
 
-    from .config import ConfigError, load_config, with_overrides
+    from .config import ConfigError
     from .mda import MDAError
     from .pipeline import Pipeline
+    from .prometheus import MetricsServer, PipelineCollector
+    from .service import Notifier, ServiceMonitor
 
+    started = time.monotonic()
+    if args.log_json:  # before anything is said: a config error comes out as JSON too
+        _use_json_logs(True)
     try:
-        config = with_overrides(load_config(args.config), engine=args.engine, model=args.model,
-                                allow_unverified_model=args.allow_unverified_model,
-                                insecure=args.insecure, json_logs=args.log_json)
+        config = _run_config(args)
+        if config.logging.json_logs:
+            _use_json_logs(True)
         sequence = None
         if args.mda is not None:
             from .mda import load_sequence
@@ -123,36 +295,75 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = Pipeline(config, out_dir=args.out, interpolate=args.interpolate,
                             mda=sequence)
     except (ConfigError, EngineError, MDAError) as exc:
-        print(f"dimscope: {exc}", file=sys.stderr)
+        _say(f"dimscope: {exc}", logging.ERROR)
         return EXIT_BAD_INPUT
+    collector = PipelineCollector(pipeline, started_mono=started)
+    metrics = None
+    if config.metrics.address:
+        # Bound before the run starts: a port in use is bad input, with no run folder made.
+        try:
+            metrics = MetricsServer(config.metrics.address, collector)
+        except (ValueError, OSError) as exc:
+            _say(f"dimscope: {exc}", logging.ERROR)
+            return EXIT_BAD_INPUT
+    notifier, watchdog_s = Notifier.from_environ()
+    reloader = _Reloader(args, config, collector, metrics)
+    status = _ServiceStatus(pipeline)
+    monitor = ServiceMonitor(notifier, ready=lambda: _first_frame_stored(pipeline),
+                             progress=lambda: _frames_stored(pipeline), status=status,
+                             watchdog_s=watchdog_s, reload=reloader)
+    monitor.start()
+    try:
+        return _run(args, config, pipeline, monitor, reloader, status)
+    finally:
+        monitor.close()
+        reloader.close()
+        notifier.close()
+
+
+def _run(args: argparse.Namespace, config: Any, pipeline: Any, monitor: Any,
+         reloader: _Reloader, status: _ServiceStatus) -> int:
+    """`cmd_run` once the pipeline exists: signals, start, wait, stop, summary."""
+    from dimscope.drivers import SourceError
+    from dimscope.engines import EngineError
 
     def _stop(signum: int, _frame: Any) -> None:
-        print(f"\ndimscope: {signal.Signals(signum).name} received, stopping (draining queues)",
-              file=sys.stderr)
+        _say(f"\ndimscope: {signal.Signals(signum).name} received, stopping (draining queues)",
+             logging.WARNING)
         pipeline.request_stop()
+
+    def _reload(_signum: int, _frame: Any) -> None:
+        monitor.request_reload()  # the monitor thread re-reads the config, not this handler
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    # SIGHUP reloads under systemd (ExecReload) or detached from a terminal; in a terminal a
+    # hang-up means the terminal is gone: stop cleanly, as for SIGTERM, rather than die
+    # with frames still queued for the archive.
+    detached = sys.stdin is None or not sys.stdin.isatty()
+    signal.signal(signal.SIGHUP, _reload if monitor.notifier.enabled or detached else _stop)
     try:
         pipeline.start(max_frames=args.frames)
     except (SourceError, EngineError, OSError) as exc:
-        print(f"dimscope: {exc}", file=sys.stderr)
+        _say(f"dimscope: {exc}", logging.ERROR)
         return EXIT_BAD_INPUT
-    tty = sys.stderr.isatty()
+    monitor.grace_s = _expected_gap_s(pipeline)
+    tty = sys.stderr.isatty() and not _json_logs()
     if pipeline.engine_error:
-        print(f"dimscope: ENGINE ERROR, running raw only (every raw frame is still archived "
-              f"and published): {pipeline.engine_error}", file=sys.stderr)
+        _say(f"dimscope: ENGINE ERROR, running raw only (every raw frame is still archived "
+             f"and published): {pipeline.engine_error}", logging.ERROR)
     elif pipeline.engine_info is not None:
         e = pipeline.engine_info
-        print(f"dimscope: engine {e.name} {e.version} on {e.runtime} ({e.precision})",
-              file=sys.stderr)
+        _say(f"dimscope: engine {e.name} {e.version} on {e.runtime} ({e.precision})")
         if not e.verified:
-            print(f"dimscope: WARNING: model {e.name} {e.version} does not match its card "
-                  f"(loaded with --allow-unverified-model): every frame it makes says "
-                  f"verified: false", file=sys.stderr)
-    print(f"dimscope {__version__}: {pipeline.source.name} -> engine {pipeline.engine_name}; "
-          f"publishing on {config.publish.address}; archiving to {pipeline.run_dir}",
-          file=sys.stderr)
+            _say(f"dimscope: WARNING: model {e.name} {e.version} does not match its card "
+                 f"(loaded with --allow-unverified-model): every frame it makes says "
+                 f"verified: false", logging.WARNING)
+    _say(f"dimscope {__version__}: {pipeline.source.name} -> engine {pipeline.engine_name}; "
+         f"publishing on {config.publish.address}; archiving to {pipeline.run_dir}",
+         run_dir=str(pipeline.run_dir))
+    if reloader.metrics is not None:
+        _say(f"dimscope: metrics on {reloader.metrics.url}")
     _announce_data_rate(pipeline)
     last_line = [time.monotonic()]
 
@@ -162,22 +373,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         if tty:
             print("\r" + _fmt_status(p), end="", file=sys.stderr, flush=True)
         elif time.monotonic() - last_line[0] >= 5.0:
-            print(_fmt_status(p), file=sys.stderr, flush=True)
+            _say(_fmt_status(p))
             last_line[0] = time.monotonic()
 
     pipeline.wait(duration_s=args.duration, on_tick=tick)
+    status.stopping = True
+    monitor.stopping()  # STOPPING=1 before the drain: systemd's stop timeout now applies
     summary = pipeline.stop()
     if tty and not args.quiet:
         print(file=sys.stderr)
     _print_summary(summary)
+    if _json_logs():  # the summary above is prose on stdout; this is the line to query
+        _say(f"dimscope: run finished: {summary.acquired} acquired, {summary.archived} "
+             "archived" + (f", NOT archived: {len(summary.not_archived)}"
+                           if summary.not_archived else "")
+             + (f"; ERROR {summary.error}" if summary.error else ""),
+             logging.ERROR if summary.error else logging.INFO,
+             acquired=summary.acquired, archived=summary.archived,
+             not_archived=len(summary.not_archived), run_dir=summary.run_dir,
+             finish_reason=summary.finish_reason, error=summary.error)
     if args.summary_json:
         try:
             Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
         except OSError as exc:
-            print(f"dimscope: could not write the summary to {args.summary_json}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
+            _say(f"dimscope: could not write the summary to {args.summary_json}: "
+                 f"{exc.strerror or exc}", logging.ERROR)
     failed = summary.error or summary.engine_error
     return EXIT_RUN_FAILED if failed else EXIT_OK
+
+
+def _json_logs() -> bool:
+    from .logs import json_logs_enabled
+
+    return json_logs_enabled()
 
 
 def _save_per_topic(path: Path, frames: dict[str, list[tuple[Any, dict[str, Any]]]]) -> None:
