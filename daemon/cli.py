@@ -648,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_enhance import add_adapt_parser, add_enhance_parser
     from .cli_keys import add_security_parsers
     from .cli_models import add_eval_parser, add_models_parser, add_train_parser
+    from .cli_view import add_view_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
@@ -656,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapt_parser(sub)
     add_control_parsers(sub)  # ctl
     add_security_parsers(sub)  # keys, relay
+    add_view_parser(sub)  # view (napari; the viewer extra)
 
     rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
     rc.add_argument("run_dir", type=Path)
