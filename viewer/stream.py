@@ -192,10 +192,17 @@ class LiveStream:
                 due_by = time.time_ns() + self._offset_ns() - delay_ns
                 due = [f for f in self._timeline if f.acquired_unix_ns <= due_by] \
                     if delay_ns else list(self._timeline)
+                self._timeline = self._timeline[len(due):]
+                # Never back in time: a frame older than the one on display (an interpolated
+                # frame that came after its later neighbour was shown) is dropped, counted.
+                last = self._last_shown_enhanced
+                if last is not None:
+                    late = [f for f in due if f.acquired_unix_ns <= last.acquired_unix_ns]
+                    self.counters["enhanced"].dropped += len(late)
+                    due = due[len(late):]
                 if due:
                     shown = due[-1]
                     self.counters["enhanced"].dropped += len(due) - 1
-                    self._timeline = self._timeline[len(due):]
                     out["enhanced"] = shown
                     self._last_shown_enhanced = shown
             trust = self._newest.pop("trust", None)
