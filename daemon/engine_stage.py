@@ -39,16 +39,26 @@ samples the stream; in an MDA it takes one position/channel/z, the first one's);
 swap is logged with the held-back loss before and after.
 Adaptation that cannot start or stops is logged and reported (`adapt_error`);
 enhancement goes on with the model in service.
+
+Changes from the control socket (`engine.set`): the new engine is built, prepared and
+tried on a frame by the caller, off this thread; `swap_engine` then installs it under
+the stage's engine lock, which `process` holds for the whole of one frame — so the swap
+lands between two frames, atomically, and the engine in service never waits for a
+model to load. Budget and tiers (`set_budget`) and adaptation (`start_adapting`,
+`stop_adapting`) change the same way. Enhanced frames with ids above the returned
+`last_frame_id` are the new engine's; raw archiving never takes this lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,6 +99,24 @@ def _noise_in_use(engine: Engine) -> NoiseModel | None:
     return noise.model if isinstance(noise, CameraNoise) else None
 
 
+@dataclass(frozen=True, slots=True)
+class EngineSwap:
+    """What `swap_engine` replaced: the caller closes `old` (off the stage thread)."""
+
+    old: Engine
+    #: the last frame the old engine handled (None: none yet); every enhanced frame with a
+    #: larger id is the new engine's (frames are handled in id order)
+    last_frame_id: int | None
+    #: adaptation that the swap stopped (it adapted the old engine's model); caller closes
+    stopped_adapter: Adapter | None
+
+
+def _close_replacement(future: Future[ModelReplacement]) -> None:
+    """Release a compiled adapted model that will never be installed."""
+    with contextlib.suppress(Exception):
+        future.result().runtime.close()
+
+
 class EngineStage(Stage):
     def __init__(self, engine: Engine, calibration: CameraCalibration, queue_frames: int,
                  budget_ms: float | None = None,
@@ -123,22 +151,124 @@ class EngineStage(Stage):
         self._compiling: tuple[RoundReport, Future[ModelReplacement]] | None = None
         self._compiler: ThreadPoolExecutor | None = None
         self._adapt_series: tuple[tuple[str, int], ...] | None = None
+        #: held by the stage thread for the whole of one frame (and each idle tick): a swap
+        #: taking it lands between two frames
+        self._engine_lock = threading.Lock()
+        #: the id of the last frame the stage handled (enhanced or passed on raw)
+        self.last_frame_id: int | None = None
+        #: engines swapped in by the control socket
+        self.engine_changes = 0
+
+    # -- changes from the control socket (any thread but the stage's) ---------------------
+    def swap_engine(self, engine: Engine, prepared_for: tuple[tuple[int, ...], str] | None,
+                    tiers: Sequence[tuple[str, Callable[[], Engine]]] = (),
+                    budget_ms: float | None = None) -> EngineSwap:
+        """Put `engine` (already prepared for `prepared_for` = (shape, dtype.str), when
+        given) in service between two frames, with its own budget and tiers; returns what
+        it replaced. Adaptation of the old engine's model stops (caller closes it)."""
+        with self._engine_lock:
+            old, last = self.engine, self.last_frame_id
+            stopped = self._detach_adapter("adaptation stopped: engine.set replaced the "
+                                           "adapted model")
+            self.engine, self._prepared_for = engine, prepared_for
+            self._tiers = list(tiers)
+            self.budget_ms = budget_ms
+            self.tier, self.tier_name = 0, engine.info.name
+            self._recent.clear()
+            self._skips_in_a_row = 0
+            self._consecutive_errors = 0
+            self.engine_changes += 1
+        return EngineSwap(old, last, stopped)
+
+    def set_budget(self, budget_ms: float | None,
+                   tiers: Sequence[tuple[str, Callable[[], Engine]]] | None = None
+                   ) -> int | None:
+        """A new latency budget (None: none) and, when given, new fallback tiers, from the
+        next frame; returns the last frame handled under the old ones."""
+        with self._engine_lock:
+            self.budget_ms = budget_ms
+            if tiers is not None:
+                self._tiers = list(tiers)
+            self._skips_in_a_row = 0
+            return self.last_frame_id
+
+    def start_adapting(self, adapt_dir: Path) -> int | None:
+        """Adapt the engine in service live (EngineError says why it cannot); returns the
+        last frame handled before. The adapter's process starts off the stage thread."""
+        with self._engine_lock:
+            engine = self.engine
+            if self.adapter is not None and self.adapt_error is None:
+                return self.last_frame_id  # already adapting this engine
+        try:
+            adapter = self._new_adapter(engine, adapt_dir)
+        except (OSError, ImportError) as exc:
+            raise EngineError(f"adaptation cannot start: {exc}") from exc
+        with self._engine_lock:
+            if self.engine is not engine:  # swapped meanwhile: that model is not served
+                adapter.close()
+                raise EngineError("the engine changed while adaptation was starting")
+            old = self.adapter
+            self.adapter, self._adapted = adapter, engine  # type: ignore[assignment]
+            self.adapt_dir, self.adapt_error = adapt_dir, None
+            self._adapt_series = self._adapt_ready = None
+            # A model an earlier adapter was compiling belongs to another run of training
+            # (maybe another engine): it must never be installed on this one.
+            stale, self._compiling = self._compiling, None
+            if self._compiler is None:
+                self._compiler = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"dimscope-{self.name}-swap")
+            self.adapt_version = engine.info.version
+            last = self.last_frame_id
+        if old is not None:
+            old.close()
+        if stale is not None:
+            stale[1].add_done_callback(_close_replacement)
+        log.info("adaptation: %s is adapted live (control socket); adapted files go to %s",
+                 engine.info.name, adapt_dir)
+        return last
+
+    def stop_adapting(self, why: str = "adaptation turned off (control socket); the "
+                      "model in service stays") -> int | None:
+        """Stop adapting; the model in service (adapted or not) stays. Returns the last
+        frame handled before."""
+        with self._engine_lock:
+            adapter = self._detach_adapter(why)
+            last = self.last_frame_id
+        if adapter is not None:
+            adapter.close()
+        return last
+
+    def _detach_adapter(self, why: str) -> Adapter | None:
+        """Under the engine lock: mark adaptation stopped, return the adapter to close."""
+        if self.adapter is None or self.adapt_error is not None:
+            return None
+        self.adapt_error = why
+        log.info("%s", why)
+        return self.adapter
+
+    @staticmethod
+    def _new_adapter(engine: Engine, adapt_dir: Path) -> Adapter:
+        """A started adapter for `engine`'s model; EngineError when the engine cannot be
+        adapted (OSError, ImportError when the adapter cannot start)."""
+        from dimscope.engines.adaptation import Adapter, check_adaptable
+        from dimscope.engines.model_engine import ModelEngine
+
+        if not isinstance(engine, ModelEngine) or engine.frame_shape is None:
+            raise EngineError(f"engine {engine.info.name!r} is not a prepared model engine "
+                              "(adaptation trains a model's weights)")
+        check_adaptable(engine.card, engine.path)
+        shape = engine.frame_shape
+        adapter = Adapter(engine.path, adapt_dir, (shape[0], shape[1]))
+        adapter.start()
+        return adapter
 
     # -- live adaptation -------------------------------------------------------------------
     def setup(self) -> None:
         if self.adapt_dir is None:
             return
         try:
-            from dimscope.engines.adaptation import Adapter
-            from dimscope.engines.model_engine import ModelEngine
-
-            engine = self.engine
-            if not isinstance(engine, ModelEngine) or engine.frame_shape is None:
-                raise EngineError(f"engine {engine.info.name!r} is not a prepared model engine")
-            shape = engine.frame_shape
-            self.adapter = Adapter(engine.path, self.adapt_dir, (shape[0], shape[1]))
-            self.adapter.start()
-            self._adapted = engine
+            self.adapter = self._new_adapter(self.engine, self.adapt_dir)
+            self._adapted = self.engine  # type: ignore[assignment]  # a ModelEngine: checked
         except (EngineError, OSError, ImportError) as exc:
             self._stop_adapting(f"adaptation is not running (enhancement goes on): {exc}")
             return
@@ -206,7 +336,8 @@ class EngineStage(Stage):
                      report.total_steps, report.frames_used)
 
     def idle(self) -> None:
-        self._adapt_tick()
+        with self._engine_lock:
+            self._adapt_tick()
 
     def _ensure_prepared(self, frame: Frame) -> None:
         key = (frame.shape, frame.dtype.str)
@@ -239,6 +370,11 @@ class EngineStage(Stage):
                     self.budget_ms, slow_ms, self.tier, name)
 
     def process(self, frame: Frame) -> None:
+        with self._engine_lock:  # one frame, one engine: a swap waits for the frame
+            self.last_frame_id = frame.frame_id
+            self._process(frame)
+
+    def _process(self, frame: Frame) -> None:
         if self.adapter is not None:
             self._adapt_tick()
         self._ensure_prepared(frame)

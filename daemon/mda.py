@@ -1,11 +1,15 @@
 """MDA time-lapses: a useq-schema `MDASequence` run by pymmcore-plus's runner on the same core.
 
-`MDAAcquisition` replaces the live-streaming acquisition: the runner snaps
-each planned event on its thread; every frame it reports goes to the raw
-archive (FAIL policy: a frame that cannot be archived cancels the sequence
-with a specific error) and to the engine / publishers, carrying its MDA
-indices (t, c, z, ...). A sequence that ends with fewer frames than planned,
-without being stopped, is an error.
+`MDAAcquisition` replaces the live-streaming acquisition (`--mda`, `[mda]`): the
+runner snaps each planned event on its thread; every frame it reports goes to the
+raw archive (FAIL policy: a frame that cannot be archived cancels the sequence
+with a specific error) and to the engine / publishers, carrying its MDA indices
+(t, c, z, ...). A sequence that ends with fewer frames than planned, without
+being stopped, is an error.
+
+`SequenceRun` is one sequence through an acquisition's fan-out; the control
+socket's `mda.run` uses it too, on a live run whose streaming is stopped (frame
+ids continue from the live frames).
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .acquisition import Acquisition, AcquisitionError
-from .frame import Frame, freeze, pixel_checksum
-from .stage import QueueFullError, Stage, StageFailedError
+from .acquisition import Acquisition, AcquisitionError, AcquisitionMode
+from .stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -56,68 +59,84 @@ def load_sequence(spec: str | Path | dict[str, Any], base_dir: Path | None = Non
         raise MDAError(f"MDA sequence {path}: {exc}") from None
 
 
+class SequenceRun:
+    """One useq sequence run by pymmcore-plus's runner on the calling thread, every frame
+    it reports handed on by `acquisition` (archive first) with its MDA indices."""
+
+    def __init__(self, acquisition: Acquisition, sequence: Any) -> None:
+        self.acquisition = acquisition
+        self.sequence = sequence
+        self.planned = sum(1 for _ in sequence)
+        self.cancelled = False
+        #: why the sequence was cancelled from inside (a frame that could not be archived)
+        self.error: AcquisitionError | None = None
+
+    def run(self) -> None:
+        """Blocks until the sequence ends; raises the archive error that cancelled it."""
+        if self.cancelled:  # cancelled before it started
+            return
+        core = self.acquisition.source.core
+        core.mda.events.frameReady.connect(self._on_frame)
+        try:
+            core.mda.run(self.sequence)
+        finally:
+            core.mda.events.frameReady.disconnect(self._on_frame)
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        with contextlib.suppress(Exception):
+            self.acquisition.source.core.mda.cancel()
+
+    def _on_frame(self, image: np.ndarray, event: Any, meta: Any) -> None:
+        if self.error is not None:
+            return
+        acq = self.acquisition
+        mono, unix = time.monotonic_ns(), time.time_ns()
+        index = {str(getattr(k, "value", k)): int(v) for k, v in event.index.items()}
+        exposure = event.exposure if event.exposure is not None else acq.source.core.getExposure()
+        metadata = {str(k): str(v) for k, v in (meta or {}).items()
+                    if isinstance(v, str | int | float)}
+        frame = acq._make_frame(np.array(image), metadata, mono, unix, mda_index=index,
+                                exposure_ms=float(exposure))
+        try:
+            acq._dispatch(frame)
+        except AcquisitionError as exc:
+            # Raised from the runner's callback it would be lost: keep it, stop the sequence.
+            self.error = exc
+            acq.source.core.mda.cancel()
+
+
 class MDAAcquisition(Acquisition):
     def __init__(self, source: Any, archive: Stage, consumers: list[Stage], sequence: Any,
                  **kwargs: Any) -> None:
         super().__init__(source, archive, consumers, poll_sleep_s=0.0, **kwargs)
         self.sequence = sequence
         self.planned = sum(1 for _ in sequence)
-        self._cancelled = False
-
-    def request_stop(self) -> None:
-        super().request_stop()
-        self._cancelled = True
-        with contextlib.suppress(Exception):
-            self.source.core.mda.cancel()
+        self._accepting = False  # the sequence owns the core: the control socket reads only
+        # Made now, so a stop requested before the thread runs cancels it too.
+        self._sequence_run = SequenceRun(self, sequence)
 
     def _run(self) -> None:
-        core = self.source.core
-        core.mda.events.frameReady.connect(self._on_frame)
+        run = self._sequence_run
+        assert run is not None
         try:
             self._pixel_size_um = float(self.source.pixel_size_um)
             self.started_mono = time.monotonic()
-            core.mda.run(self.sequence)  # blocks this thread until the sequence ends
-            if self.error is not None:
-                raise self.error
-            if not self._cancelled and self.counters.received != self.planned:
+            self.mode = AcquisitionMode.MDA
+            run.run()  # blocks this thread until the sequence ends
+            if not run.cancelled and self.counters.received != self.planned:
                 raise AcquisitionError(f"the MDA sequence ended after {self.counters.received} "
                                        f"of {self.planned} planned frames")
         except BaseException as exc:
-            if self.error is None or exc is not self.error:
-                self.error = exc
+            self.error = exc
             log.error("MDA acquisition stopped: %s", exc)
             if self._on_error is not None:
                 self._on_error(exc)
         finally:
-            core.mda.events.frameReady.disconnect(self._on_frame)
+            self._sequence_run = None
             if self.stop_requested_mono is None:
                 self.stop_requested_mono = time.monotonic()
+            self.mode = AcquisitionMode.FINISHED
             self.finished.set()
-
-    def _on_frame(self, image: np.ndarray, event: Any, meta: Any) -> None:
-        if self.error is not None:
-            return
-        mono, unix = time.monotonic_ns(), time.time_ns()
-        index = {str(getattr(k, "value", k)): int(v) for k, v in event.index.items()}
-        exposure = event.exposure if event.exposure is not None else self.source.core.getExposure()
-        pixels = freeze(np.array(image))
-        frame = Frame(
-            frame_id=self.counters.received, pixels=pixels, checksum=pixel_checksum(pixels),
-            acquired_unix_ns=unix, exposure_ms=float(exposure),
-            pixel_size_um=self._pixel_size_um, source=self.source.name,
-            metadata={str(k): str(v) for k, v in (meta or {}).items()
-                      if isinstance(v, str | int | float)},
-            marks=(("acquired", mono),), mda_index=index,
-        )
-        self.counters.received += 1
-        try:
-            self.archive.offer(frame, wait_s=self.archive_wait_s)
-        except (QueueFullError, StageFailedError) as exc:
-            self.error = AcquisitionError(f"raw frame {frame.frame_id} (MDA {index}) could not "
-                                          f"be archived: {exc}")
-            self.source.core.mda.cancel()
-            return
-        for consumer in self.consumers:
-            with contextlib.suppress(StageFailedError):
-                consumer.offer(frame)
-        self.counters.passed += 1

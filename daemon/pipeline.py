@@ -1,7 +1,9 @@
 """One run: open the source, build the declared frame graph (`graph.py`), acquire, stop
 cleanly, summarise. The graph's nodes come from config; this module owns only the
-order of things — bind, load the engine, create the run folder, start sinks first,
-acquire; on stop: acquisition first, then drain every queue, archive first.
+order of things — bind (publisher, control socket), load the engine, create the run
+folder, start sinks first, acquire, then serve the control socket (`control.py`); on
+stop: the control socket first (no change races the drain), acquisition, then drain
+every queue, archive first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from . import __version__
 from .acquisition import Acquisition
 from .archive import create_run_dir
 from .config import DEFAULT_NODE_NAMES, Config, with_overrides
+from .control import ControlServer
 from .graph import BuildContext, build_graph, camera_calibration, declared_nodes, load_engine
 from .mda import MDAAcquisition, load_sequence
 from .publisher import PublishSocket, PublishStage
@@ -87,12 +90,20 @@ class Pipeline:
             config = with_overrides(config, engine=engine)
             self.config = config
         self.engine_name = config.engine.name
+        #: the main engine's options (the control socket's `engine.set` changes both)
+        self.engine_options: dict[str, Any] = dict(config.engine.options)
         self.out_dir = Path(out_dir) if out_dir is not None else config.archive.out_dir
         self.source = make_source(config.source)
         self.run_dir: Path | None = None
         self.stages: list[Stage] = []
         self.acquisition: Acquisition | None = None
         self.socket: PublishSocket | None = None
+        self.control: ControlServer | None = None
+        #: what the graph was built with (frame shape, calibration): new engines need it
+        self.build_context: BuildContext | None = None
+        self.started_mono: float | None = None
+        #: the control socket's address once it has closed (the summary still names it)
+        self.control_address: str | None = None
         self.error: str | None = None
         self.engine_error: str | None = None
         self.interpolate_error: str | None = None
@@ -106,6 +117,7 @@ class Pipeline:
     def start(self, max_frames: int | None = None) -> None:
         cfg = self.config
         self.state = RunState.STARTING
+        self.started_mono = time.monotonic()
         try:
             self.source.open()
         except SourceError:
@@ -142,11 +154,13 @@ class Pipeline:
         # Bind first: a port in use is bad input and must leave no run folder behind.
         self.socket = PublishSocket(cfg.publish.address, cfg.publish.send_hwm,
                                     cfg.publish.linger_ms)
-        ctx = BuildContext(config=cfg, run_dir=self.out_dir, socket=self.socket,
-                           calibration=calibration,
-                           frame_shape=(core.getImageHeight(), core.getImageWidth()),
-                           frame_dtype=np.dtype(f"uint{8 * core.getBytesPerPixel()}"),
-                           pixel_size_um=self.source.pixel_size_um)
+        if cfg.control.enabled:  # refuses an exposed socket (SecurityError), or OSError
+            self.control = ControlServer(self, cfg)
+        ctx = self.build_context = BuildContext(
+            config=cfg, run_dir=self.out_dir, socket=self.socket, calibration=calibration,
+            frame_shape=(core.getImageHeight(), core.getImageWidth()),
+            frame_dtype=np.dtype(f"uint{8 * core.getBytesPerPixel()}"),
+            pixel_size_um=self.source.pixel_size_um)
         self._load_main_engine(ctx)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         try:
@@ -182,6 +196,8 @@ class Pipeline:
                                            on_error=self._acquisition_failed,
                                            archive_wait_s=cfg.archive.backpressure_s)
         self.acquisition.start()
+        if self.control is not None:
+            self.control.start(self.run_dir)  # requests queued since the bind are served now
 
     def _stage_failed(self, stage: Stage, exc: BaseException) -> None:
         if stage.name == "archive":
@@ -228,6 +244,7 @@ class Pipeline:
         it could not write in that time are named in the summary (`not_archived`).
         """
         self.state = RunState.STOPPING
+        self._close_control()
         if self.acquisition is not None:
             self.acquisition.request_stop()
             self.acquisition.join()
@@ -262,7 +279,14 @@ class Pipeline:
                     update={"write_error": f"{failed}: {exc.strerror or exc}"})
         return summary
 
+    def _close_control(self) -> None:
+        control, self.control_address = self.control, self.control_endpoint
+        self.control = None
+        if control is not None:
+            control.close()
+
     def _shutdown(self) -> None:
+        self._close_control()
         # Upstream first: archive and engine drain into publishers that are still up.
         drain_s = self.config.archive.drain_timeout_s
         for stage in self.stages:
@@ -271,6 +295,13 @@ class Pipeline:
             self.socket.close()
             self.socket = None
         self.source.close()
+
+    @property
+    def control_endpoint(self) -> str | None:
+        """The control socket's bound address (while it serves; then the last one)."""
+        if self.control is not None:
+            return self.control.endpoint
+        return self.control_address
 
     @property
     def publish_endpoint(self) -> str | None:
@@ -336,6 +367,7 @@ class Pipeline:
             run_dir=str(self.run_dir) if self.run_dir else None,
             archive_files=[str(p) for p in getattr(archive, "files", [])],
             publish_address=self.config.publish.address,
+            control_address=self.control_endpoint,
             stages=stages,
             latency_ms=latency,
             error=self.error,

@@ -107,6 +107,8 @@ class RunSummary(_Report):
     run_dir: str | None
     archive_files: list[str]
     publish_address: str
+    #: the control socket's bound endpoint (None: control disabled or not started)
+    control_address: str | None = None
     stages: dict[str, StageStats]
     latency_ms: dict[str, LatencyStats]
     error: str | None
