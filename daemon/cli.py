@@ -327,6 +327,8 @@ def _run(args: argparse.Namespace, config: Any, pipeline: Any, monitor: Any,
     from dimscope.drivers import SourceError
     from dimscope.engines import EngineError
 
+    from .security import SecurityError
+
     def _stop(signum: int, _frame: Any) -> None:
         _say(f"\ndimscope: {signal.Signals(signum).name} received, stopping (draining queues)",
              logging.WARNING)
@@ -344,7 +346,7 @@ def _run(args: argparse.Namespace, config: Any, pipeline: Any, monitor: Any,
     signal.signal(signal.SIGHUP, _reload if monitor.notifier.enabled or detached else _stop)
     try:
         pipeline.start(max_frames=args.frames)
-    except (SourceError, EngineError, OSError) as exc:
+    except (SourceError, EngineError, OSError, SecurityError) as exc:
         _say(f"dimscope: {exc}", logging.ERROR)
         return EXIT_BAD_INPUT
     monitor.grace_s = _expected_gap_s(pipeline)
@@ -360,7 +362,9 @@ def _run(args: argparse.Namespace, config: Any, pipeline: Any, monitor: Any,
                  f"(loaded with --allow-unverified-model): every frame it makes says "
                  f"verified: false", logging.WARNING)
     _say(f"dimscope {__version__}: {pipeline.source.name} -> engine {pipeline.engine_name}; "
-         f"publishing on {config.publish.address}; archiving to {pipeline.run_dir}",
+         f"publishing on {config.publish.address}"
+         + (f"; control on {pipeline.control_endpoint}" if pipeline.control_endpoint else "")
+         + f"; archiving to {pipeline.run_dir}",
          run_dir=str(pipeline.run_dir))
     if reloader.metrics is not None:
         _say(f"dimscope: metrics on {reloader.metrics.url}")

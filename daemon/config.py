@@ -250,6 +250,10 @@ class ControlConfig(StrictModel):
         False, description="allow binding beyond loopback without CURVE (--insecure)")
     max_message_bytes: int = Field(65536, ge=1024, le=16 * 2**20,
                                    description="larger requests are refused")
+    aliases: dict[str, tuple[str, str]] = Field(
+        default_factory=dict, description="friendly setting names for `set`/`get`, e.g. "
+        "{ laser_power = [\"Laser\", \"Power\"] } for a Micro-Manager device and property "
+        "(the sim source has laser_power built in)")
 
     @field_validator("address")
     @classmethod

@@ -152,8 +152,7 @@ class Pipeline:
         core = self.source.core
         calibration = camera_calibration(cfg.camera, getattr(self.source, "calibration", None))
         # Bind first: a port in use is bad input and must leave no run folder behind.
-        self.socket = PublishSocket(cfg.publish.address, cfg.publish.send_hwm,
-                                    cfg.publish.linger_ms)
+        self.socket = PublishSocket.from_config(cfg.publish, cfg.security)
         if cfg.control.enabled:  # refuses an exposed socket (SecurityError), or OSError
             self.control = ControlServer(self, cfg)
         ctx = self.build_context = BuildContext(

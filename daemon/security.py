@@ -206,7 +206,7 @@ def check_exposure(address: str, *, what: str, curve: bool, insecure: bool = Fal
         if not is_loopback(address):
             if not insecure:
                 raise SecurityError(
-                    f"control socket {address}: bound beyond loopback without CURVE anyone who "
+                    f"control socket {address}: bound beyond loopback without CURVE, anyone who "
                     "reaches this machine could drive the microscope; set [control] curve = "
                     "true with [security] keys (`dimscope keys`), bind 127.0.0.1, or pass "
                     "--insecure")

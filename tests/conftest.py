@@ -18,6 +18,8 @@ def make_config(tmp_path: Path, **sections: Any) -> Config:
                    "photons_per_ms": 4.0},
         "archive": {"out_dir": str(tmp_path / "runs"), "fsync_every_s": 0},
         "publish": {"address": "tcp://127.0.0.1:*"},
+        # a free port: the default 5556 would let a test's ctl reach another test's daemon
+        "control": {"address": "tcp://127.0.0.1:*"},
     }
     for name, values in sections.items():
         if name in ("source", "stages"):

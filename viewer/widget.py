@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,9 @@ class DimscopeWidget(QWidget):
         self._recording: dict[str, list[ViewFrame]] | None = None
         #: the engine of the newest enhanced (not interpolated) frame shown
         self._restored_by: dict[str, Any] | None = None
+        #: control requests run here, one at a time, never on the GUI thread
+        self._requests = ThreadPoolExecutor(1, thread_name_prefix="dimscope-view-control")
+        self._pending: list[tuple[str, Future[Any]]] = []
         self._build(address, control_address)
         self._timer = QTimer(self)
         self._timer.setInterval(max(1, int(1000 / paint_hz)))
@@ -83,6 +87,8 @@ class DimscopeWidget(QWidget):
 
     # -- layout ----------------------------------------------------------------------------
     def _build(self, address: str, control_address: str) -> None:
+        # A dock that grows with its text would squeeze napari's canvas to nothing.
+        self.setMaximumWidth(460)
         root = QVBoxLayout(self)
         conn = QGroupBox("stream")
         form = QFormLayout(conn)
@@ -157,6 +163,7 @@ class DimscopeWidget(QWidget):
         cform.addRow("budget", self.budget)
         cform.addRow(run)
         self.control_status = QLabel("")
+        self.control_status.setWordWrap(True)  # long reasons must not widen the dock
         cform.addRow(self.control_status)
         self._enable_controls(False, "connect to a daemon first")
         root.addWidget(self.controls)
@@ -184,7 +191,8 @@ class DimscopeWidget(QWidget):
             self.stream.stop()
             self.stream = None
         if self.control is not None:
-            self.control.close()
+            # closed on the request thread, after any request still in flight
+            self._requests.submit(self.control.close)
             self.control = None
         self.connect_button.setText("connect")
         self._enable_controls(False, "connect to a daemon first")
@@ -219,26 +227,34 @@ class DimscopeWidget(QWidget):
         self.control_status.setEnabled(True)
         self.control_status.setText(why)
 
-    def _command(self, method: str, **args: Any) -> None:
+    def _command(self, method: str, **args: Any) -> Future[Any] | None:
+        """Send a control request off the GUI thread (loading a model can take seconds);
+        the outcome appears under the controls when it is back."""
         if self.control is None:
-            return
-        try:
-            getattr(self.control, method)(**args)
-            self.control_status.setText(f"{method}: ok")
-        except Exception as exc:
-            self.control_status.setText(f"{method}: {exc}")
+            return None
+        self.control_status.setText(f"{method}: sent")
+        future = self._requests.submit(getattr(self.control, method), **args)
+        self._pending.append((method, future))
+        return future
+
+    def _collect_replies(self) -> None:
+        for method, future in [p for p in self._pending if p[1].done()]:
+            self._pending.remove((method, future))
+            exc = future.exception()
+            self.control_status.setText(f"{method}: ok" if exc is None else f"{method}: {exc}")
 
     def _set(self, prop: str, value: float) -> None:
         self._command("set", name=prop, value=value)
 
     def _engine(self) -> None:
-        budget = self.budget.value()
+        # budget 0 removes the budget (the control socket's convention)
         self._command("engine", name=self.engine_box.currentText(),
-                      budget_ms=budget if budget > 0 else None)
+                      budget_ms=self.budget.value())
 
     # -- painting --------------------------------------------------------------------------
     def paint(self) -> None:
         """Take the newest frames and show them (GUI thread, every timer tick)."""
+        self._collect_replies()
         if self.stream is None:
             return
         frames = self.stream.take()
@@ -392,6 +408,7 @@ class DimscopeWidget(QWidget):
 
     def closeEvent(self, event: Any) -> None:
         self.disconnect_stream()
+        self._requests.shutdown(wait=False, cancel_futures=True)
         super().closeEvent(event)
 
 
