@@ -165,3 +165,33 @@ def test_relay_fans_out_to_50_viewers_while_the_daemon_sends_once(
         relay.stop()
         monitor.close(0)
         daemon.close()
+
+
+def test_a_daemon_with_curve_streams_serves_only_allowed_viewers(
+        tmp_path: Path, keys: dict[str, Path]) -> None:
+    from dimscope.daemon.pipeline import Pipeline
+
+    from .conftest import make_config
+
+    cfg = make_config(tmp_path, engine={"name": "identity"}, publish={"curve": True},
+                      security={"server_secret_key": str(keys["daemon_secret"]),
+                                "allowed_clients": str(keys["allowed"])})
+    pipeline = Pipeline(cfg)
+    pipeline.start()
+    try:
+        endpoint = pipeline.publish_endpoint or ""
+        allowed = _subscriber(endpoint, (keys["daemon"], keys["viewer_secret"]))
+        plain = _subscriber(endpoint)
+        got = {"allowed": 0, "plain": 0}
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            for name, sock in (("allowed", allowed), ("plain", plain)):
+                if sock.poll(10):
+                    header, _ = decode(sock.recv_multipart())
+                    got[name] += int(header["schema"] == "dimscope.frame/2")
+        allowed.close(0)
+        plain.close(0)
+    finally:
+        summary = pipeline.stop()
+    assert got["allowed"] > 10 and got["plain"] == 0
+    assert summary.acquired == summary.archived
