@@ -36,6 +36,10 @@ def main() -> int:
     ap.add_argument("--exposure-ms", type=float, default=33.0)
     ap.add_argument("--engine", default="denoise")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "viewer")
+    ap.add_argument("--interpolate", type=int, choices=[1, 2, 4], default=1)
+    ap.add_argument("--screenshot", type=Path, default=None,
+                    help="also save the whole napari window (dock included) here at the end "
+                         "(docs/viewer.png)")
     args = ap.parse_args()
 
     display = None
@@ -54,13 +58,15 @@ def main() -> int:
     cfg = parse_config({"source": {"kind": "sim", "width": args.size, "height": args.size,
                                    "exposure_ms": args.exposure_ms},
                         "engine": {"name": args.engine},
+                        "interpolate": {"factor": args.interpolate},
+                        "control": {"address": "tcp://127.0.0.1:*"},
                         "archive": {"out_dir": "/tmp/dimscope-bench-viewer"},
                         "publish": {"address": "tcp://127.0.0.1:*"}})
     pipeline = Pipeline(cfg)
     pipeline.start()
     viewer = napari.Viewer(show=True)
     widget = DimscopeWidget(viewer, address=pipeline.publish_endpoint or "",
-                            control_address="tcp://127.0.0.1:9")
+                            control_address=pipeline.control_endpoint or "")
     viewer.window.add_dock_widget(widget, name="dimscope")
     drawn: dict[str, list[float]] = {"raw": [], "enhanced": [], "trust": []}
     #: the baseline: publish -> received by the viewer's thread, same frames
@@ -98,6 +104,12 @@ def main() -> int:
         if time.monotonic() < warmup_until:
             for v in (*drawn.values(), *received_ms.values()):
                 v.clear()
+    if args.screenshot is not None:
+        viewer.window._qt_window.resize(1500, 900)
+        for _ in range(50):
+            app.processEvents()
+            time.sleep(0.01)
+        viewer.screenshot(str(args.screenshot), canvas_only=False)
     stream = widget.stream
     assert stream is not None
     counters = {slot: vars(c).copy() for slot, c in stream.counters.items()}

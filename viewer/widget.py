@@ -9,9 +9,10 @@ Layers (created with the first frame of each):
   plus a gap; an `sr2` stream is drawn at the raw frame's physical size) — or overlaid
   when side-by-side is off, to compare by toggling;
 - `enhanced` plays enhanced and interpolated frames in time order (`stream.py`);
-- `trust`: the enhanced frame's trust map (signed local z, PiYG: green = raw brighter than
-  the enhanced frame, something erased; pink = dimmer, something added), over the enhanced
-  layer, contrast ±the frame's alert threshold; toggled with its checkbox.
+- `trust`: the enhanced frame's trust map (signed local z) added over the enhanced layer:
+  black (adds nothing) where they agree (|z| under 40 % of the threshold), green where the raw frame is brighter than the
+  enhanced one (something erased), magenta where it is dimmer (something added), full
+  colour at ±the frame's alert threshold; toggled with its checkbox.
 Contrast limits follow the data on the first frames (percentiles 1 / 99.8 over 5 frames),
 then stay put; "reset contrast" re-arms that.
 
@@ -130,6 +131,7 @@ class DimscopeWidget(QWidget):
 
         self.readout = QLabel("not connected")
         self.readout.setWordWrap(True)
+        self.readout.setMinimumHeight(150)  # room for every line when they wrap
         root.addWidget(self.readout)
         self.plot = Sparkline()
         root.addWidget(self.plot)
@@ -215,9 +217,10 @@ class DimscopeWidget(QWidget):
             return
         self.control = client
         self._enable_controls(True, f"control: {address}")
-        exposure = _dig(status, "exposure_ms")
-        if isinstance(exposure, (int, float)):
-            self.exposure.setValue(float(exposure))
+        for box, key in ((self.exposure, "exposure_ms"), (self.laser, "laser_power")):
+            value = _dig(status, key)
+            if isinstance(value, (int, float)):
+                box.setValue(float(value))
 
     def _enable_controls(self, enabled: bool, why: str) -> None:
         for child in self.controls.findChildren(QWidget):
@@ -282,10 +285,11 @@ class DimscopeWidget(QWidget):
         if slot not in self.viewer.layers:
             kwargs: dict[str, Any] = {"name": slot}
             if slot == "trust":
-                kwargs.update(colormap="PiYG", opacity=0.6, blending="translucent",
+                kwargs.update(colormap=_trust_colormap(), opacity=0.9, blending="additive",
                               visible=self.show_trust.isChecked())
             layer = self.viewer.add_image(data, **kwargs)
             self._arrange()
+            self.viewer.reset_view()  # both images in view
         else:
             layer = self.viewer.layers[slot]
             layer.data = data
@@ -410,6 +414,16 @@ class DimscopeWidget(QWidget):
         self.disconnect_stream()
         self._requests.shutdown(wait=False, cancel_futures=True)
         super().closeEvent(event)
+
+
+def _trust_colormap() -> Any:
+    from napari.utils.colormaps import Colormap
+
+    # Black (nothing added) within ±40 % of the threshold, so noise-level agreement stays
+    # out of the way and real disagreements stand out.
+    magenta, black, green = [1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]
+    return Colormap([magenta, black, black, green], controls=[0.0, 0.3, 0.7, 1.0],
+                    name="dimscope trust (−z magenta, +z green)")
 
 
 def _model_text(engine: dict[str, Any] | None) -> str:
