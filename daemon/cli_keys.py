@@ -29,7 +29,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_relay(args: argparse.Namespace) -> int:
     from .relay import Relay, UpstreamKeys
-    from .security import CurveServer, SecurityError
+    from .security import CurveKeys, SecurityError
 
     if (args.server_key is None) != (args.client_key is None):
         print("dimscope: --server-key and --client-key go together (CURVE to the daemon)",
@@ -42,7 +42,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     try:
         upstream = (UpstreamKeys(args.server_key, args.client_key)
                     if args.server_key is not None else None)
-        curve = (CurveServer(args.secret_key, args.allowed_clients)
+        curve = (CurveKeys(args.secret_key, args.allowed_clients)
                  if args.secret_key is not None else None)
         relay = Relay(args.upstream, args.bind, send_hwm=args.send_hwm,
                       upstream_keys=upstream, curve=curve).start()

@@ -23,7 +23,7 @@ import zmq
 from .config import PublishConfig, SecurityConfig
 from .frame import Frame
 from .metrics import LatencyWindow
-from .security import CurveServer, check_exposure
+from .security import CurveKeys, CurveServer, check_exposure
 from .sinks import SinkStage
 from .stage import OverflowPolicy
 from .wire import encode_header, trust_frame
@@ -37,39 +37,54 @@ MAX_SUBSCRIPTION_BYTES = 1024
 class PublishSocket:
     """The one PUB socket, shared by the topic stages (sends are serialised by a lock).
 
-    With `curve` (a `security.CurveServer`) the streams are encrypted and only clients
-    whose public keys are allowed receive anything; the socket owns it and closes it."""
+    With `curve` keys the streams are encrypted and only clients whose public keys are
+    allowed receive anything; the socket then has a ZeroMQ context of its own (see
+    `security.CurveServer`)."""
 
     def __init__(self, address: str, send_hwm: int, linger_ms: int = 1000,
-                 curve: CurveServer | None = None) -> None:
+                 curve: CurveKeys | None = None) -> None:
         self.address = address
         self.linger_ms = linger_ms
-        self.curve = curve
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUB)
+        self._own_ctx = curve is not None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = (zmq.Context() if curve is not None
+                                                     else zmq.Context.instance())
+        self.curve: CurveServer | None = None
         if curve is not None:
-            curve.apply(self._sock)
+            try:
+                self.curve = CurveServer(curve.server_secret_key, curve.allowed_clients,
+                                         context=self._ctx)
+            except BaseException:
+                self._ctx.destroy(linger=0)
+                raise
+        self._sock = self._ctx.socket(zmq.PUB)
+        if self.curve is not None:
+            self.curve.apply(self._sock)
         self._sock.setsockopt(zmq.SNDHWM, send_hwm)  # must precede bind to take effect
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         try:
             self._sock.bind(address)
         except zmq.ZMQError as exc:
             self._sock.close(0)
-            if curve is not None:
-                curve.close()
+            self._release()
             raise OSError(f"cannot bind ZeroMQ publisher to {address}: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         check_exposure(address, what=f"publishing on {self.endpoint}: the data streams",
-                       curve=curve is not None)
+                       curve=self.curve is not None)
         self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, publish: PublishConfig, security: SecurityConfig) -> PublishSocket:
         """The socket `[publish]` describes; CURVE with `[security]` keys when
         `publish.curve` (SecurityError names a missing key)."""
-        curve = (CurveServer(security.server_secret_key, security.allowed_clients)
+        curve = (CurveKeys(security.server_secret_key, security.allowed_clients)
                  if publish.curve else None)
         return cls(publish.address, publish.send_hwm, publish.linger_ms, curve=curve)
+
+    def _release(self) -> None:
+        if self.curve is not None:
+            self.curve.close()
+        if self._own_ctx:  # also closes a monitor socket the caller forgot (term would wait)
+            self._ctx.destroy(linger=0)
 
     def monitor(self) -> zmq.Socket[bytes]:
         """A socket receiving this socket's connection events (`zmq.utils.monitor`), e.g.
@@ -96,8 +111,7 @@ class PublishSocket:
         """
         with self._lock:
             self._sock.close(self.linger_ms)
-        if self.curve is not None:
-            self.curve.close()
+        self._release()
 
 
 #: what a topic sends of each frame: the frame itself, or its trust map (`wire.trust_frame`)

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from .security import CurveServer, check_exposure, curve_client
+from .security import CurveKeys, CurveServer, check_exposure, curve_client
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,18 @@ class UpstreamKeys:
 class Relay:
     def __init__(self, upstream: str, bind: str, *, send_hwm: int = 32,
                  upstream_keys: UpstreamKeys | None = None,
-                 curve: CurveServer | None = None) -> None:
+                 curve: CurveKeys | None = None) -> None:
         self.upstream, self.bind = upstream, bind
-        self._ctx: zmq.Context[Any] = zmq.Context.instance()
-        self.curve = curve
+        # A context of its own: its ZAP handler (CURVE towards viewers) answers for it only.
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self.curve: CurveServer | None = None
+        if curve is not None:
+            try:
+                self.curve = CurveServer(curve.server_secret_key, curve.allowed_clients,
+                                         context=self._ctx)
+            except BaseException:
+                self._ctx.destroy(linger=0)
+                raise
         self._xsub = self._ctx.socket(zmq.XSUB)
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._control = self._ctx.socket(zmq.PAIR)
@@ -61,8 +69,8 @@ class Relay:
                              upstream_keys.client_secret_key)
             self._xsub.setsockopt(zmq.RCVHWM, send_hwm)
             self._xsub.connect(upstream)
-            if curve is not None:
-                curve.apply(self._xpub)
+            if self.curve is not None:
+                self.curve.apply(self._xpub)
             self._xpub.setsockopt(zmq.SNDHWM, send_hwm)
             self._xpub.setsockopt(zmq.MAXMSGSIZE, 1024)  # subscriptions only, as the daemon
             self._xpub.bind(bind)
@@ -70,7 +78,7 @@ class Relay:
             self._close_sockets()
             raise OSError(f"relay {upstream} -> {bind}: {exc}") from None
         self.endpoint = self._xpub.getsockopt_string(zmq.LAST_ENDPOINT)
-        check_exposure(bind, what=f"relay on {self.endpoint}", curve=curve is not None)
+        check_exposure(bind, what=f"relay on {self.endpoint}", curve=self.curve is not None)
         self._thread = threading.Thread(target=self._run, name="dimscope-relay", daemon=True)
 
     def start(self) -> Relay:
@@ -104,3 +112,4 @@ class Relay:
             sock.close(0)
         if self.curve is not None:
             self.curve.close()
+        self._ctx.destroy(linger=0)

@@ -137,20 +137,33 @@ def _release_authenticator(context: zmq.Context[Any]) -> None:
             _AUTHENTICATORS[id(context)] = (auth, users - 1)
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """What a CURVE server needs: its own secret key file and the allow-list folder."""
+
+    server_secret_key: Path | None
+    allowed_clients: Path | None
+
+
 class CurveServer:
     """The daemon's side of CURVE: the ZAP authenticator of a ZeroMQ context (shared by
     every CurveServer on it) with the allow-list, and the server key pair applied to each
-    server socket (`apply`) before it binds."""
+    server socket (`apply`) before it binds.
+
+    Give each CURVE server socket a context of its own (as the control socket, the
+    publisher and the relay do): a ZAP handler answers for every socket of its context, and
+    one started and stopped on the process-wide context would stall the plain sockets
+    that share it."""
 
     def __init__(self, server_secret_key: Path | None, allowed_clients: Path | None,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any]) -> None:
         if server_secret_key is None or allowed_clients is None:
             raise SecurityError("CURVE needs [security] server_secret_key (the daemon's "
                                 "`.key_secret` file) and allowed_clients (a folder of client "
                                 "`.key` files); create them with `dimscope keys`")
         self.public_key, self._secret_key = load_key_pair(server_secret_key)
         self.allow = AllowList(allowed_clients)
-        self._context = context or zmq.Context.instance()
+        self._context = context
         self.domain = f"{ZAP_DOMAIN}-{next(_domains)}"
         self._auth: ThreadAuthenticator | None = _acquire_authenticator(self._context)
         self._auth.configure_curve_callback(self.domain, credentials_provider=self.allow)

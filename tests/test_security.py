@@ -18,7 +18,7 @@ from dimscope.daemon.frame import Frame, freeze
 from dimscope.daemon.publisher import PublishSocket, TopicSink
 from dimscope.daemon.relay import Relay, UpstreamKeys
 from dimscope.daemon.security import (
-    CurveServer,
+    CurveKeys,
     SecurityError,
     check_exposure,
     create_keys,
@@ -89,8 +89,10 @@ def test_key_pairs_are_written_once_with_a_private_secret(tmp_path: Path) -> Non
 def test_curve_stream_reaches_only_allowed_keys_and_logs_strangers(
         keys: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="dimscope.daemon.security")
-    curve = CurveServer(keys["daemon_secret"], keys["allowed"])
-    sock = PublishSocket("tcp://127.0.0.1:*", send_hwm=100, linger_ms=0, curve=curve)
+    sock = PublishSocket("tcp://127.0.0.1:*", send_hwm=100, linger_ms=0,
+                         curve=CurveKeys(keys["daemon_secret"], keys["allowed"]))
+    curve = sock.curve
+    assert curve is not None
     try:
         allowed = _subscriber(sock.endpoint, (keys["daemon"], keys["viewer_secret"]))
         stranger = _subscriber(sock.endpoint, (keys["daemon"], keys["stranger_secret"]))
@@ -111,9 +113,10 @@ def test_curve_stream_reaches_only_allowed_keys_and_logs_strangers(
 def test_missing_keys_and_exposed_control_are_refused(tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(SecurityError, match="server_secret_key"):
-        CurveServer(None, tmp_path)
+        PublishSocket("tcp://127.0.0.1:*", 10, curve=CurveKeys(None, tmp_path))
     with pytest.raises(SecurityError, match="cannot read key file"):
-        CurveServer(tmp_path / "absent.key_secret", tmp_path)
+        PublishSocket("tcp://127.0.0.1:*", 10,
+                      curve=CurveKeys(tmp_path / "absent.key_secret", tmp_path))
     with pytest.raises(SecurityError, match="beyond loopback without CURVE"):
         check_exposure("tcp://0.0.0.0:5556", what="control", curve=False)
     check_exposure("tcp://127.0.0.1:5556", what="control", curve=False)
@@ -137,15 +140,15 @@ def _peer_connections(monitor: zmq.Socket[Any], wait_s: float) -> int:
 
 def test_relay_fans_out_to_50_viewers_while_the_daemon_sends_once(
         keys: dict[str, Path]) -> None:
-    daemon_curve = CurveServer(keys["daemon_secret"], keys["allowed"])
-    daemon = PublishSocket("tcp://127.0.0.1:*", send_hwm=1000, linger_ms=0, curve=daemon_curve)
+    daemon = PublishSocket("tcp://127.0.0.1:*", send_hwm=1000, linger_ms=0,
+                           curve=CurveKeys(keys["daemon_secret"], keys["allowed"]))
     monitor = daemon.monitor()
     relay_allowed = keys["allowed"].parent / "relay_allowed"
     relay_allowed.mkdir()
     (relay_allowed / "viewer.key").write_bytes(keys["viewer"].read_bytes())
     relay = Relay(daemon.endpoint, "tcp://127.0.0.1:*", send_hwm=1000,
                   upstream_keys=UpstreamKeys(keys["daemon"], keys["relay_secret"]),
-                  curve=CurveServer(keys["relay_server_secret"], relay_allowed)).start()
+                  curve=CurveKeys(keys["relay_server_secret"], relay_allowed)).start()
     viewers = [_subscriber(relay.endpoint, (keys["relay_server"], keys["viewer_secret"]))
                for _ in range(50)]
     try:
