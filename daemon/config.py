@@ -351,7 +351,8 @@ NodeConfig = Annotated[EngineNodeConfig | PublishNodeConfig | InterpolateNodeCon
 
 #: the nodes every run has (see `daemon/graph.py`); extra `[[stages]]` may not reuse them
 DEFAULT_NODE_NAMES = ("acquisition", "archive", "publish_raw", "engine", "publish_enhanced",
-                      "publish_trust", "trust_log", "interpolate", "publish_interpolated")
+                      "publish_trust", "trust_log", "interpolate", "publish_interpolated",
+                      "publish_trust_interpolated", "trust_log_interpolated")
 
 
 def check_endpoint(address: str, *, bind: bool) -> None:
@@ -489,7 +490,7 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _graph_is_declared_in_order(self) -> Config:
         known = set(DEFAULT_NODE_NAMES)
-        topics = {"raw", "enhanced", "interpolated", "trust"}
+        topics = {"raw", "enhanced", "interpolated", "trust", "trust_interpolated"}
         for i, node in enumerate(self.stages):
             where = f"stages[{i}] ({node.name!r})"
             if node.name in known:

@@ -430,7 +430,7 @@ class EngineStage(Stage):
             pixels=freeze(out), kind="enhanced", engine=self.engine.info,
             source_ids=(frame.frame_id,), pixel_size_um=frame.pixel_size_um / scale,
             budget=budget, tier=self.tier if self.budget_ms is not None else None,
-            trust=report,
+            trust=report, raw=frame.pixels,
         ).marked("engine_done", done_ns)
         self.emit(enhanced)
         self._maybe_next_tier()

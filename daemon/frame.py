@@ -60,6 +60,9 @@ class Frame:
     checksum: str | None = None
     #: enhanced frames: how far they agree with their raw frame (`engines/trust.py`)
     trust: TrustReport | None = None
+    #: enhanced frames: the raw pixels they were made from (shared, never published), so a
+    #: later stage can check its own output against the measurement (interpolation trust)
+    raw: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

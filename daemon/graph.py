@@ -46,7 +46,7 @@ from .engine_stage import EngineStage
 from .interpolation_stage import InterpolationStage
 from .publisher import PublishSocket, PublishStage
 from .stage import Stage
-from .trust_log import TrustLogStage
+from .trust_log import TRUST_LOG, TRUST_LOG_INTERPOLATED, TrustLogStage
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class TrustLogNodeConfig:
     name: str = "trust_log"
     upstream: str = "engine"
     kind: str = "trust_log"
+    filename: str = TRUST_LOG
 
 
 @dataclass
@@ -159,13 +160,15 @@ def _publish(node: PublishNodeConfig, ctx: BuildContext) -> Stage:
 
 
 def _trust_log(node: Any, ctx: BuildContext) -> Stage:
-    return TrustLogStage(ctx.run_dir, name=node.name)
+    return TrustLogStage(ctx.run_dir, name=node.name, filename=node.filename)
 
 
 def _interpolate(node: InterpolateNodeConfig, ctx: BuildContext) -> Stage:
     interpolator = make_interpolator(node.method, **dict(node.options))
     return InterpolationStage(interpolator, node.factor, name=node.name,
-                              queue_frames=node.queue_frames)
+                              queue_frames=node.queue_frames,
+                              trust=trust_settings(ctx.config.trust),
+                              calibration=ctx.calibration)
 
 
 #: node kind -> builder; a builder raises EngineError when its node cannot run here
@@ -216,6 +219,15 @@ def declared_nodes(config: Config, *, interpolate_factor: int | None = None
                                            options=interp.options, queue_frames=1))
         nodes.append(PublishNodeConfig(name="publish_interpolated", upstream="interpolate",
                                        topic="interpolated", queue_frames=pub.queue_frames))
+        if config.trust.enabled:
+            if pub.trust:
+                nodes.append(PublishNodeConfig(
+                    name="publish_trust_interpolated", upstream="interpolate",
+                    topic="trust_interpolated", payload="trust",
+                    queue_frames=pub.queue_frames))
+            nodes.append(TrustLogNodeConfig(name="trust_log_interpolated",
+                                            upstream="interpolate",
+                                            filename=TRUST_LOG_INTERPOLATED))
     nodes.extend(config.stages)
     return nodes
 

@@ -10,6 +10,11 @@ Deadline: the pair (n-1, n) must be done before frame n+1 arrives. When a
 newer frame is already waiting, the remaining frames of the pair are skipped
 and counted (`late`); the queue keeps only the newest frame and counts what
 it discards (`dropped`).
+
+Trust (`[trust] enabled`): each synthesised frame is checked against the raw frames of
+its two neighbours moved to its time by the motion between them
+(`engines.trust.InterpolatedTrust`); the score is in its header, the map goes to topic
+`trust_interpolated`, alerts are counted (`trust_alerts`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
+from dimscope.engines import CameraCalibration
 from dimscope.engines.interpolators import Interpolator
+from dimscope.engines.trust import InterpolatedTrust, TrustReport, TrustSettings
 
 from .frame import Frame, freeze
+from .metrics import LatencyWindow
 from .stage import OverflowPolicy, Stage
 
 log = logging.getLogger(__name__)
@@ -27,8 +37,13 @@ log = logging.getLogger(__name__)
 
 class InterpolationStage(Stage):
     def __init__(self, interpolator: Interpolator, factor: int, name: str = "interpolate",
-                 queue_frames: int = 1) -> None:
+                 queue_frames: int = 1, trust: TrustSettings | None = None,
+                 calibration: CameraCalibration | None = None) -> None:
         super().__init__(name, queue_frames, OverflowPolicy.DROP_OLDEST)
+        self.trust = (InterpolatedTrust(calibration or CameraCalibration(measured=False), trust)
+                      if trust is not None else None)
+        self.trust_alerts = 0
+        self.trust_ms = LatencyWindow()
         if factor < 2:
             raise ValueError(f"interpolation factor must be >= 2, got {factor}")
         self.interpolator = interpolator
@@ -60,11 +75,39 @@ class InterpolationStage(Stage):
                 pixels=freeze(pixels), kind="interpolated", engine=self.interpolator.info,
                 source_ids=(previous.frame_id, frame.frame_id),
                 acquired_unix_ns=previous.acquired_unix_ns + round(t * span_ns),
-                metadata={}, t=t, budget=None, tier=None,
+                metadata={}, t=t, budget=None, tier=None, raw=None,
+                trust=self._score(previous, frame, pixels, t),
                 mda_index={**frame.mda_index, **({"t": frame.mda_index["t"] - 1}
                                                  if "t" in frame.mda_index else {})},
             ).marked("interp_start", started).marked("interp_done")
             self.emit(out)
+
+    def _score(self, a: Frame, b: Frame, pixels: np.ndarray, t: float) -> TrustReport | None:
+        """The synthesised frame against its neighbours' raw frames (None without trust,
+        or for neighbours that carry no raw frame)."""
+        raw_a = a.raw if a.raw is not None else (a.pixels if a.kind == "raw" else None)
+        raw_b = b.raw if b.raw is not None else (b.pixels if b.kind == "raw" else None)
+        if self.trust is None or raw_a is None or raw_b is None or raw_a.ndim != 2:
+            return None
+        started = time.monotonic_ns()
+        scale = b.engine.scale if b.engine is not None and b.kind == "enhanced" else 1
+        try:
+            report = self.trust.measure_interpolated(raw_a, raw_b, a.pixels, b.pixels, pixels,
+                                                     t, scale)
+        except ValueError as exc:  # shapes that do not line up: say so once, go on
+            log.warning("interpolated trust unavailable: %s", exc)
+            self.trust = None
+            return None
+        self.trust_ms.add((time.monotonic_ns() - started) / 1e6)
+        self.trust_alerts += int(report.score.alert)
+        return report
+
+    def snapshot(self) -> dict[str, object]:
+        snap = super().snapshot()
+        if self.trust is not None:
+            snap.update({"trust_alerts": self.trust_alerts,
+                         "trust_ms": self.trust_ms.summary()})
+        return snap
 
     def teardown(self) -> None:
         self.interpolator.close()

@@ -10,7 +10,8 @@ come (a crash loses at most the last unflushed lines, never the raw archive):
      "engine": "denoise", "version": "3+ab12…", "verified": true, "budget": "met",
      "tier": 0, "trust": {"mean_abs_z": 0.79, ..., "alert": false}}
 
-Passthrough frames (skipped by the budget) are listed with `"trust": null`.
+Passthrough frames (skipped by the budget) are listed with `"trust": null`. Interpolated
+frames have their own file, `trust_interpolated.jsonl` (source ids: both neighbours).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .frame import Frame
 from .sinks import SinkStage
 from .stage import OverflowPolicy
 
-#: the file's name in the run folder
+#: the files' names in the run folder: the engine's frames, and interpolated frames
 TRUST_LOG = "trust.jsonl"
+TRUST_LOG_INTERPOLATED = "trust_interpolated.jsonl"
 
 
 class TrustLogSink:
@@ -72,14 +74,16 @@ class TrustLogSink:
 class TrustLogStage(SinkStage):
     """Writes `trust.jsonl`; drop-oldest (counted) if the disk lags, never blocking."""
 
-    def __init__(self, run_dir: Path, queue_frames: int = 256, name: str = "trust_log") -> None:
-        super().__init__(name, TrustLogSink(run_dir / TRUST_LOG), queue_frames,
+    def __init__(self, run_dir: Path, queue_frames: int = 256, name: str = "trust_log",
+                 filename: str = TRUST_LOG) -> None:
+        super().__init__(name, TrustLogSink(run_dir / filename), queue_frames,
                          OverflowPolicy.DROP_OLDEST)
 
 
-def read_trust_log(run_dir: Path) -> list[dict[str, Any]]:
-    """The entries of a run's `trust.jsonl` (a torn last line, from a crash, is left out)."""
-    path = Path(run_dir) / TRUST_LOG
+def read_trust_log(run_dir: Path, filename: str = TRUST_LOG) -> list[dict[str, Any]]:
+    """The entries of a run's `trust.jsonl` (or `trust_interpolated.jsonl`); a torn last
+    line, from a crash, is left out."""
+    path = Path(run_dir) / filename
     entries = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -181,16 +181,31 @@ class FlowInterpolator:
         self._grid = np.dstack([xs, ys])  # remap maps are (x, y), like the flow
         self._pair = None
 
-    def between(self, a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    def backward_maps(self, a: np.ndarray, b: np.ndarray, t: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Where each pixel at time t takes its value in a and in b: two (H, W, 2) float32
+        `cv2.remap` maps in (x, y) (also used by the trust maps of interpolated frames)."""
         import cv2
 
         pair = self._flows(a, b)
         s = 1.0 - t
-        # Backward maps: where each pixel at time t takes its value in a (map0) and in b.
         map0 = np.asarray(cv2.addWeighted(pair.f01, -s * t, pair.f10, t * t, 0.0), np.float32)
         map0 += self._grid
         map1 = np.asarray(cv2.addWeighted(pair.f01, s * s, pair.f10, -t * s, 0.0), np.float32)
         map1 += self._grid
+        return map0, map1
+
+    def reliabilities(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per pixel of a and of b, exp(−(forward–backward flow error / τ)²): near 0 where
+        the flow does not come back (occlusion, mis-tracking)."""
+        pair = self._flows(a, b)
+        return pair.r0, pair.r1
+
+    def between(self, a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+        pair = self._flows(a, b)
+        s = 1.0 - t
+        # Backward maps: where each pixel at time t takes its value in a (map0) and in b.
+        map0, map1 = self.backward_maps(a, b, t)
         wa, ra = self._warp(map0, pair.a32, pair.r0)
         wb, rb = self._warp(map1, pair.b32, pair.r1)
         ra *= np.float32(s)
@@ -206,6 +221,11 @@ class FlowInterpolator:
     def close(self) -> None:
         self._dis = None
         self._pair = None
+
+    @staticmethod
+    def warp(map_xy: np.ndarray, *images: np.ndarray) -> list[np.ndarray]:
+        """Each image sampled at `map_xy` (bilinear, edges replicated)."""
+        return FlowInterpolator._warp(map_xy, *images)
 
     @staticmethod
     def _warp(map_xy: np.ndarray, *images: np.ndarray) -> list[np.ndarray]:

@@ -75,12 +75,18 @@ class TrustScore:
     alert: bool
     #: the noise model the residual was normalised with
     noise: str
+    #: interpolated frames: share of pixels where the motion between the neighbours is not
+    #: consistent (no measurement to check against there)
+    flow_inconsistent: float | None = None
 
     def as_dict(self) -> dict[str, float | bool | str]:
-        return {"mean_abs_z": round(self.mean_abs_z, 4), "residual_sd": round(self.residual_sd, 4),
-                "flagged_fraction": round(self.flagged_fraction, 6),
-                "max_z": round(self.max_z, 3), "threshold": round(self.threshold, 3),
-                "alert": self.alert, "noise": self.noise}
+        out: dict[str, float | bool | str] = {
+            "mean_abs_z": round(self.mean_abs_z, 4), "residual_sd": round(self.residual_sd, 4),
+            "flagged_fraction": round(self.flagged_fraction, 6), "max_z": round(self.max_z, 3),
+            "threshold": round(self.threshold, 3), "alert": self.alert, "noise": self.noise}
+        if self.flow_inconsistent is not None:
+            out["flow_inconsistent"] = round(self.flow_inconsistent, 4)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +208,7 @@ class TrustMeter:
         self._noise = CameraNoise(calibration)
         self._recent: list[np.ndarray] = []
         self._thresholds: dict[tuple[int, int], float] = {}
+        self._zeros: dict[tuple[int, int], np.ndarray] = {}
 
     def threshold(self, shape: tuple[int, int]) -> float:
         if shape not in self._thresholds:
@@ -219,9 +226,24 @@ class TrustMeter:
             self._recent.clear()
         return model
 
+    def unchanged(self, raw: np.ndarray) -> TrustReport:
+        """The report of an "enhanced" frame that is the raw frame itself (a passthrough
+        engine such as `identity`): consistent by construction, z = 0, nothing to compute."""
+        shape = ((raw.shape[0] + 1) // 2, (raw.shape[1] + 1) // 2)
+        zeros = self._zeros.get(shape)
+        if zeros is None:
+            zeros = self._zeros[shape] = np.zeros(shape, np.float32)
+            zeros.flags.writeable = False
+        score = TrustScore(mean_abs_z=0.0, residual_sd=0.0, flagged_fraction=0.0, max_z=0.0,
+                           threshold=self.threshold((raw.shape[0], raw.shape[1])),
+                           alert=False, noise="none (the enhanced frame is the raw frame)")
+        return TrustReport(score=score, map=zeros)
+
     def measure(self, raw: np.ndarray, enhanced: np.ndarray, scale: int = 1,
                 noise: NoiseModel | None = None) -> TrustReport:
         """The trust report of `enhanced` (`scale` times the size of `raw`)."""
+        if enhanced is raw:
+            return self.unchanged(raw)
         if raw.ndim != 2:
             raise ValueError(f"trust maps need 2-D frames, got {raw.shape}")
         model = noise or self._noise_for(raw)
@@ -229,17 +251,14 @@ class TrustMeter:
         if expected.shape != raw.shape:
             raise ValueError(f"enhanced frame {enhanced.shape} at scale {scale} does not "
                              f"match raw frame {raw.shape}")
-        variance = model.variance(expected)
-        # Below the camera's offset the model's variance falls to 0, but read noise never
-        # does: floor it at the variance of the frame's dark areas (the 5th percentile of
-        # the expected level — background in fluorescence; a higher, safer level otherwise).
-        levels = expected.ravel()[:: max(1, expected.size // 4096)]
-        dark = float(np.percentile(levels, 5))
-        floor = max(model.alpha * dark + model.beta,
-                    1e-3 * (model.alpha * float(np.median(levels)) + model.beta), 1e-6)
-        np.maximum(variance, np.float32(floor), out=variance)
+        variance = _floored_variance(model, expected)
         z = np.asarray(cv2.subtract(raw.astype(np.float32, copy=False), expected))
         z = np.asarray(cv2.divide(z, np.asarray(cv2.sqrt(variance))))
+        return self._report(z, model)
+
+    def _report(self, z: np.ndarray, model: NoiseModel,
+                flow_inconsistent: float | None = None) -> TrustReport:
+        """Score a residual z (unit white noise where the frame is honest)."""
         residual_sd = _robust_sd(z)
         mean_abs_z = float(cv2.norm(z, cv2.NORM_L1)) / z.size
         # The smallest scale on the camera's grid (puncta of about the PSF's size), pooled
@@ -259,7 +278,7 @@ class TrustMeter:
         assert best is not None
         k = int(np.argmax(np.abs(best)))
         max_z = float(best.flat[k])
-        threshold = self.threshold(raw.shape[:2])
+        threshold = self.threshold((z.shape[0], z.shape[1]))
         s = self.settings
         # Too large a residual everywhere is inconsistent; too small one only means the
         # engine left noise in (consistent with the data, so no alert).
@@ -268,5 +287,99 @@ class TrustMeter:
             mean_abs_z=mean_abs_z, residual_sd=residual_sd,
             flagged_fraction=float(np.mean(np.abs(best) > s.flag_sigma)), max_z=max_z,
             threshold=threshold, alert=bool(abs(max_z) > threshold or spread_bad),
-            noise=model.describe())
+            noise=model.describe(), flow_inconsistent=flow_inconsistent)
         return TrustReport(score=score, map=np.ascontiguousarray(best, dtype=np.float32))
+
+
+def _floored_variance(model: NoiseModel, expected: np.ndarray) -> np.ndarray:
+    """The camera's variance at `expected`, floored: below the camera's offset the model's
+    variance falls to 0, but read noise never does — floor it at the variance of the frame's
+    dark areas (the 5th percentile of the expected level: background in fluorescence; a
+    higher, safer level otherwise)."""
+    variance = model.variance(expected)
+    levels = expected.ravel()[:: max(1, expected.size // 4096)]
+    dark = float(np.percentile(levels, 5))
+    floor = max(model.alpha * dark + model.beta,
+                1e-3 * (model.alpha * float(np.median(levels)) + model.beta), 1e-6)
+    np.maximum(variance, np.float32(floor), out=variance)
+    return variance
+
+
+def _inside(map_xy: np.ndarray) -> np.ndarray:
+    """1 where `map_xy` samples inside the frame, else 0 (float32)."""
+    h, w = map_xy.shape[:2]
+    x, y = map_xy[..., 0], map_xy[..., 1]
+    return ((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)).astype(np.float32)
+
+
+def _bilinear_gain(map_xy: np.ndarray) -> np.ndarray:
+    """Per pixel, the sum of the squared bilinear weights `cv2.remap` uses at `map_xy`: the
+    factor by which sampling shrinks the variance of white noise (1 on the grid, 1/4 midway)."""
+    frac = map_xy - np.floor(map_xy)
+    w = (1.0 - frac) ** 2 + frac**2
+    return np.asarray(w[..., 0] * w[..., 1], np.float32)
+
+
+class InterpolatedTrust(TrustMeter):
+    """Trust maps of synthesised frames, which have no raw frame of their own.
+
+    The two acquired neighbours are measurements of the scene at their times; moved to
+    time t by the motion between them (DIS optical flow on the enhanced neighbours, as
+    the `flow` interpolator estimates it), their raw frames are a noisy measurement of the
+    frame at t. Where the motion is consistent (forward–backward flow check), the
+    interpolated frame must agree with that blend within the camera noise of the warped
+    raw frames (variance scaled by the blend and bilinear weights); where it is not
+    (occlusions, mis-tracking) there is no measurement: z = 0 there, and the share of such
+    pixels is the score's `flow_inconsistent`. The same local tests then give the map and
+    the alert. It checks the synthesised frame against the measurements under the
+    estimated motion: a structure the interpolator invented, or a moving one it left
+    behind, stands out; an error that the flow itself shares cannot.
+    """
+
+    def __init__(self, calibration: CameraCalibration,
+                 settings: TrustSettings | None = None) -> None:
+        super().__init__(calibration, settings)
+        from .interpolators import FlowInterpolator
+        from .options import FlowInterpolatorOptions
+
+        self._flow = FlowInterpolator(FlowInterpolatorOptions(preset="ultrafast"))
+        self._flow_shape: tuple[int, int] | None = None
+
+    def measure_interpolated(self, raw_a: np.ndarray, raw_b: np.ndarray,
+                             enhanced_a: np.ndarray, enhanced_b: np.ndarray,
+                             interpolated: np.ndarray, t: float, scale: int = 1,
+                             noise: NoiseModel | None = None) -> TrustReport:
+        """The trust report of `interpolated` at `t` between a (0) and b (1); the enhanced
+        and interpolated frames at `scale` times the raw frames' size."""
+        model = noise or self._noise_for(raw_b)
+        a, b, frame = (forward_model(x, scale) for x in (enhanced_a, enhanced_b, interpolated))
+        shape = (raw_a.shape[0], raw_a.shape[1])
+        if a.shape != shape or raw_b.shape != shape:
+            raise ValueError(f"interpolated trust: frames {a.shape} at scale {scale} do not "
+                             f"match raw frames {raw_a.shape}, {raw_b.shape}")
+        if self._flow_shape != shape:
+            self._flow.prepare(shape)
+            self._flow_shape = shape
+        # Read-only neighbours (the pipeline's frames are) let the flows be computed once per
+        # pair for all its t; writable ones are copied so the caller's arrays stay theirs.
+        a, b = (x if not x.flags.writeable else x.copy() for x in (a, b))
+        a.flags.writeable = b.flags.writeable = False
+        map0, map1 = self._flow.backward_maps(a, b, t)
+        rel_a, rel_b = self._flow.reliabilities(a, b)
+        warped_a, r0 = self._flow.warp(map0, raw_a.astype(np.float32), rel_a)
+        warped_b, r1 = self._flow.warp(map1, raw_b.astype(np.float32), rel_b)
+        # A sample from outside the frame is a replicated edge pixel, not a measurement.
+        w0 = np.float32(1.0 - t) * r0 * _inside(map0)
+        w1 = np.float32(t) * r1 * _inside(map1)
+        total = w0 + w1
+        valid = total > np.float32(0.5 * min(t, 1.0 - t))
+        total = np.maximum(total, np.float32(1e-6))
+        w0 /= total
+        w1 /= total
+        measured = w0 * warped_a + w1 * warped_b
+        variance = _floored_variance(model, frame)
+        variance *= w0 * w0 * _bilinear_gain(map0) + w1 * w1 * _bilinear_gain(map1)
+        z = (measured - frame) / np.sqrt(np.maximum(variance, np.float32(1e-6)))
+        z[~valid] = 0.0
+        return self._report(np.asarray(z, np.float32), model,
+                            flow_inconsistent=float(1.0 - valid.mean()))

@@ -153,3 +153,63 @@ def test_a_hallucinating_engine_is_flagged_and_the_honest_one_is_not(
         assert summary["acquired"] == summary["archived"]
     assert alerts["denoise"] == 0.0
     assert alerts[hallucinating_engine] == 1.0
+
+
+# -- interpolated frames ----------------------------------------------------------------------
+
+def _drifting_pair(shift: float = 2.0, seed: int = 7) -> tuple[np.ndarray, ...]:
+    """Expected ADU of a scene at t = 0 and 1, drifting `shift` px per frame, and their raw
+    frames."""
+    from scipy.ndimage import shift as move
+
+    truth0 = _scene((128, 128), seed=seed)
+    one = move(truth0, (0, shift), order=1, mode="nearest").astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return truth0, one, _measure(truth0, rng), _measure(one, rng)
+
+
+def test_an_interpolated_frame_is_checked_against_its_neighbours_raw_frames() -> None:
+    from dimscope.engines.interpolators import make_interpolator
+    from dimscope.engines.trust import InterpolatedTrust
+
+    a, b, raw_a, raw_b = _drifting_pair()
+    for x in (a, b):
+        x.flags.writeable = False
+    flow = make_interpolator("flow")
+    flow.prepare(a.shape)
+    honest = flow.between(a, b, 0.5)
+    meter = InterpolatedTrust(CAL)
+    score = meter.measure_interpolated(raw_a, raw_b, a, b, honest, 0.5, noise=NOISE).score
+    assert not score.alert and score.flow_inconsistent is not None
+    assert score.flow_inconsistent < 0.2 and 0.7 < score.residual_sd < 1.3
+    # a punctum that is in neither neighbour
+    amplitude = 6 * float(np.sqrt(NOISE.variance(np.float32(honest[60, 40]))))
+    faked = honest + amplitude * _blob(a.shape, 60, 40, 2.0)
+    report = meter.measure_interpolated(raw_a, raw_b, a, b, faked, 0.5, noise=NOISE)
+    peak = np.unravel_index(np.argmax(np.abs(report.map)), report.map.shape)
+    assert report.score.alert and report.score.max_z < 0
+    assert abs(peak[0] - 30) <= 2 and abs(peak[1] - 20) <= 2
+    # plain blending of a moving scene leaves ghosts the measurements do not show
+    ghosts = meter.measure_interpolated(raw_a, raw_b, a, b, 0.5 * (a + b), 0.5, noise=NOISE)
+    assert ghosts.score.alert
+    assert ghosts.score.flagged_fraction > 2 * score.flagged_fraction
+
+
+def test_every_interpolated_frame_has_its_trust_map_and_log_line(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, engine={"name": "vst_gaussian"},
+                      interpolate={"factor": 2, "method": "flow"})
+    summary, received = run_and_record(cfg, 2.5, ["interpolated", "trust_interpolated"])
+    interpolated = {(tuple(h["source_ids"]), h["t"]): h for t, h, _ in received
+                    if t == "interpolated"}
+    maps = {(tuple(h["source_ids"]), h["t"]): (h, px) for t, h, px in received
+            if t == "trust_interpolated"}
+    assert len(interpolated) > 10 and set(interpolated) == set(maps)
+    for key, h in interpolated.items():
+        th, tmap = maps[key]
+        assert th["kind"] == "trust" and h["trust"] == th["trust"]
+        assert "flow_inconsistent" in h["trust"]
+        assert tmap.shape == ((h["shape"][0] + 1) // 2, (h["shape"][1] + 1) // 2)
+    log = read_trust_log(Path(summary["run_dir"]), "trust_interpolated.jsonl")
+    stage = summary["stages"]["interpolate"]
+    assert len(log) == stage["passed"] and stage["trust_ms"]["n"] == stage["passed"]
+    assert all(e["kind"] == "interpolated" and len(e["source_ids"]) == 2 for e in log)
