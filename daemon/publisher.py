@@ -23,7 +23,7 @@ import zmq
 from .config import PublishConfig, SecurityConfig
 from .frame import Frame
 from .metrics import LatencyWindow
-from .security import CurveKeys, CurveServer, check_exposure
+from .security import CurveKeys, check_exposure, curve_server_on
 from .sinks import SinkStage
 from .stage import OverflowPolicy
 from .wire import encode_header, trust_frame
@@ -48,14 +48,7 @@ class PublishSocket:
         self._own_ctx = curve is not None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = (zmq.Context() if curve is not None
                                                      else zmq.Context.instance())
-        self.curve: CurveServer | None = None
-        if curve is not None:
-            try:
-                self.curve = CurveServer(curve.server_secret_key, curve.allowed_clients,
-                                         context=self._ctx)
-            except BaseException:
-                self._ctx.destroy(linger=0)
-                raise
+        self.curve = curve_server_on(self._ctx, curve)
         self._sock = self._ctx.socket(zmq.PUB)
         if self.curve is not None:
             self.curve.apply(self._sock)

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from .security import CurveKeys, CurveServer, check_exposure, curve_client
+from .security import CurveKeys, check_exposure, curve_client, curve_server_on
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,7 @@ class Relay:
         self.upstream, self.bind = upstream, bind
         # A context of its own: its ZAP handler (CURVE towards viewers) answers for it only.
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self.curve: CurveServer | None = None
-        if curve is not None:
-            try:
-                self.curve = CurveServer(curve.server_secret_key, curve.allowed_clients,
-                                         context=self._ctx)
-            except BaseException:
-                self._ctx.destroy(linger=0)
-                raise
+        self.curve = curve_server_on(self._ctx, curve)
         self._xsub = self._ctx.socket(zmq.XSUB)
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._control = self._ctx.socket(zmq.PAIR)

@@ -181,6 +181,19 @@ class CurveServer:
             _release_authenticator(self._context)
 
 
+def curve_server_on(context: zmq.Context[Any], keys: CurveKeys | None) -> CurveServer | None:
+    """A CurveServer for `keys` on `context`, a context made for this server's socket(s)
+    (None without keys); if the keys are unusable the context is destroyed and the
+    SecurityError raised."""
+    if keys is None:
+        return None
+    try:
+        return CurveServer(keys.server_secret_key, keys.allowed_clients, context=context)
+    except BaseException:
+        context.destroy(linger=0)
+        raise
+
+
 def curve_client(sock: zmq.Socket[Any], server_public_key: Path,
                  client_secret_key: Path) -> None:
     """Make `sock` a CURVE client of the server whose public key file is given (before
