@@ -490,7 +490,7 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _graph_is_declared_in_order(self) -> Config:
         known = set(DEFAULT_NODE_NAMES)
-        topics = {"raw", "enhanced", "interpolated", "trust", "trust_interpolated"}
+        topics = {"raw", "enhanced", "interpolated", "trust", "interp_trust"}
         for i, node in enumerate(self.stages):
             where = f"stages[{i}] ({node.name!r})"
             if node.name in known:

@@ -747,7 +747,9 @@ class ControlServer:
             engine, shape_key = self._build_engine(name, options, stage)
             if req.adapt:
                 self._check_adaptable(engine)
-            swap = stage.swap_engine(engine, shape_key, tiers if tiers is not None else [],
+            # Tiers left out keep their value: the fallbacks not used yet.
+            swap = stage.swap_engine(engine, shape_key,
+                                     tiers if tiers is not None else stage.remaining_tiers,
                                      budget)
             for closing in (swap.old, swap.stopped_adapter):
                 if closing is not None:

@@ -128,6 +128,7 @@ class EngineStage(Stage):
         super().__init__(name, queue_frames, OverflowPolicy.DROP_OLDEST)
         self.trust = TrustMeter(calibration, trust) if trust is not None else None
         self.trust_alerts = 0
+        self.trust_errors = 0
         self.trust_ms = LatencyWindow()
         self.engine = engine
         self.calibration = calibration
@@ -160,6 +161,12 @@ class EngineStage(Stage):
         self.engine_changes = 0
 
     # -- changes from the control socket (any thread but the stage's) ---------------------
+    @property
+    def remaining_tiers(self) -> list[tuple[str, Callable[[], Engine]]]:
+        """The faster fallbacks not used yet, in order."""
+        with self._engine_lock:
+            return list(self._tiers)
+
     def swap_engine(self, engine: Engine, prepared_for: tuple[tuple[int, ...], str] | None,
                     tiers: Sequence[tuple[str, Callable[[], Engine]]] = (),
                     budget_ms: float | None = None) -> EngineSwap:
@@ -407,10 +414,16 @@ class EngineStage(Stage):
         report = None
         if self.trust is not None and frame.pixels.ndim == 2:
             t_trust = time.monotonic_ns()
-            report = self.trust.measure(frame.pixels, out, self.engine.scale,
-                                        noise=_noise_in_use(self.engine))
+            try:
+                report = self.trust.measure(frame.pixels, out, self.engine.scale,
+                                            noise=_noise_in_use(self.engine))
+            except Exception as exc:  # a trust failure must not end enhancement
+                self.trust_errors += 1
+                if self.trust_errors == 1:
+                    log.error("trust: cannot score frame %d (the frame is published without "
+                              "a trust map; counted in trust_errors): %s", frame.frame_id, exc)
             self.trust_ms.add((time.monotonic_ns() - t_trust) / 1e6)
-            if report.score.alert:
+            if report is not None and report.score.alert:
                 self.trust_alerts += 1
                 if self.trust_alerts == 1 or self.trust_alerts % 100 == 0:
                     log.warning("trust: enhanced frame %d disagrees with its raw frame (local "
@@ -440,7 +453,7 @@ class EngineStage(Stage):
         snap.update({"budget_ms": self.budget_ms, "tier": self.tier, "tier_name": self.tier_name,
                      "tier_changes": self.tier_changes, "skipped": self.skipped})
         if self.trust is not None:
-            snap.update({"trust_alerts": self.trust_alerts,
+            snap.update({"trust_alerts": self.trust_alerts, "trust_errors": self.trust_errors,
                          "trust_ms": self.trust_ms.summary()})
         if self.adapt_dir is not None:
             a = self.adapter

@@ -223,7 +223,7 @@ def declared_nodes(config: Config, *, interpolate_factor: int | None = None
             if pub.trust:
                 nodes.append(PublishNodeConfig(
                     name="publish_trust_interpolated", upstream="interpolate",
-                    topic="trust_interpolated", payload="trust",
+                    topic="interp_trust", payload="trust",
                     queue_frames=pub.queue_frames))
             nodes.append(TrustLogNodeConfig(name="trust_log_interpolated",
                                             upstream="interpolate",

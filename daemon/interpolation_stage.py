@@ -14,7 +14,7 @@ it discards (`dropped`).
 Trust (`[trust] enabled`): each synthesised frame is checked against the raw frames of
 its two neighbours moved to its time by the motion between them
 (`engines.trust.InterpolatedTrust`); the score is in its header, the map goes to topic
-`trust_interpolated`, alerts are counted (`trust_alerts`).
+`interp_trust`, alerts are counted (`trust_alerts`).
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ class InterpolationStage(Stage):
         try:
             report = self.trust.measure_interpolated(raw_a, raw_b, a.pixels, b.pixels, pixels,
                                                      t, scale)
-        except ValueError as exc:  # shapes that do not line up: say so once, go on
-            log.warning("interpolated trust unavailable: %s", exc)
+        except Exception as exc:  # a trust failure must not end interpolation: say so, go on
+            log.error("interpolated frames are published without trust maps from now on: %s",
+                      exc)
             self.trust = None
             return None
         self.trust_ms.add((time.monotonic_ns() - started) / 1e6)

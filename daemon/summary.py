@@ -61,6 +61,8 @@ class StageStats(_Report):
     trust_alerts: int | None = Field(None, description="enhanced frames whose trust score "
                                      "passed the alert threshold")
     trust_ms: LatencyStats | None = Field(None, description="time to score a frame")
+    trust_errors: int | None = Field(None, description="frames that could not be scored "
+                                     "(published without a trust map)")
 
 
 class EngineReport(_Report):

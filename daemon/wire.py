@@ -40,9 +40,10 @@ def trust_frame(frame: Frame) -> Frame | None:
     report = frame.trust
     if report is None:
         return None
-    raw_pixel_um = frame.pixel_size_um * (frame.engine.scale if frame.engine else 1)
-    # The map is at half the camera's resolution.
-    return frame.replace(pixels=report.map, kind="trust", pixel_size_um=raw_pixel_um * 2)
+    # The map is at half the camera's resolution: its pixel size follows from the shapes
+    # (an interpolated sr2 frame's interpolator does not know the frame's scale).
+    map_pixel_um = frame.pixel_size_um * frame.shape[-1] / report.map.shape[-1]
+    return frame.replace(pixels=report.map, kind="trust", pixel_size_um=map_pixel_um)
 
 
 def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,

@@ -167,10 +167,25 @@ def _bin2(image: np.ndarray) -> np.ndarray:
     return half * np.float32(2.0)  # the mean of 4 times 2 = their sum / 2
 
 
+@functools.lru_cache(maxsize=16)
+def _sample_index(size: int, n: int = 4096) -> np.ndarray:
+    """A fixed spread-out sample of n flat indices (not a stride: a stride that divides the
+    frame's width would see a few columns only, and one bad sensor column would decide)."""
+    rng = np.random.default_rng(size)
+    index = np.sort(rng.choice(size, size=min(n, size), replace=False))
+    index.flags.writeable = False
+    return index
+
+
+def _sample(values: np.ndarray) -> np.ndarray:
+    flat = values.ravel()
+    return flat[_sample_index(flat.size)]
+
+
 def _robust_sd(values: np.ndarray) -> float:
     """Standard deviation from the median absolute deviation (a subsample: it is a level)."""
     flat = values.ravel()
-    sample = flat[:: max(1, flat.size // 4096)]
+    sample = _sample(flat)
     med = float(np.median(sample))
     return 1.4826 * float(np.median(np.abs(sample - med)))
 
@@ -251,16 +266,22 @@ class TrustMeter:
         if expected.shape != raw.shape:
             raise ValueError(f"enhanced frame {enhanced.shape} at scale {scale} does not "
                              f"match raw frame {raw.shape}")
+        finite = bool(np.isfinite(expected).all())
+        if not finite:  # an engine that emits NaN/Inf: never consistent, and no NaN in JSON
+            expected = np.nan_to_num(expected, nan=0.0, posinf=0.0, neginf=0.0)
         variance = _floored_variance(model, expected)
         z = np.asarray(cv2.subtract(raw.astype(np.float32, copy=False), expected))
         z = np.asarray(cv2.divide(z, np.asarray(cv2.sqrt(variance))))
-        return self._report(z, model)
+        return self._report(z, model, finite=finite)
 
-    def _report(self, z: np.ndarray, model: NoiseModel,
-                flow_inconsistent: float | None = None) -> TrustReport:
-        """Score a residual z (unit white noise where the frame is honest)."""
+    def _report(self, z: np.ndarray, model: NoiseModel, flow_inconsistent: float | None = None,
+                z_fields: np.ndarray | None = None, finite: bool = True) -> TrustReport:
+        """Score a residual z (unit white noise per pixel where the frame is honest);
+        `z_fields`, when given, is what the local tests smooth (the same residual normalised
+        for its variance after smoothing, where sampling correlated neighbouring pixels)."""
         residual_sd = _robust_sd(z)
         mean_abs_z = float(cv2.norm(z, cv2.NORM_L1)) / z.size
+        z = z if z_fields is None else z_fields
         # The smallest scale on the camera's grid (puncta of about the PSF's size), pooled
         # to half resolution; the larger ones on the 2×2-binned residual (a quarter of the
         # pixels to filter).
@@ -286,7 +307,8 @@ class TrustMeter:
         score = TrustScore(
             mean_abs_z=mean_abs_z, residual_sd=residual_sd,
             flagged_fraction=float(np.mean(np.abs(best) > s.flag_sigma)), max_z=max_z,
-            threshold=threshold, alert=bool(abs(max_z) > threshold or spread_bad),
+            threshold=threshold,
+            alert=bool(abs(max_z) > threshold or spread_bad or not finite),
             noise=model.describe(), flow_inconsistent=flow_inconsistent)
         return TrustReport(score=score, map=np.ascontiguousarray(best, dtype=np.float32))
 
@@ -297,7 +319,7 @@ def _floored_variance(model: NoiseModel, expected: np.ndarray) -> np.ndarray:
     dark areas (the 5th percentile of the expected level: background in fluorescence; a
     higher, safer level otherwise)."""
     variance = model.variance(expected)
-    levels = expected.ravel()[:: max(1, expected.size // 4096)]
+    levels = _sample(expected)
     dark = float(np.percentile(levels, 5))
     floor = max(model.alpha * dark + model.beta,
                 1e-3 * (model.alpha * float(np.median(levels)) + model.beta), 1e-6)
@@ -378,8 +400,16 @@ class InterpolatedTrust(TrustMeter):
         w1 /= total
         measured = w0 * warped_a + w1 * warped_b
         variance = _floored_variance(model, frame)
-        variance *= w0 * w0 * _bilinear_gain(map0) + w1 * w1 * _bilinear_gain(map1)
-        z = (measured - frame) / np.sqrt(np.maximum(variance, np.float32(1e-6)))
+        blend = w0 * w0 + w1 * w1
+        # Per pixel, bilinear sampling averages neighbours and shrinks the noise variance;
+        # smoothed over a few pixels that correlation gives it back, so the local tests use
+        # the variance of the blend alone.
+        pixel_var = variance * (w0 * w0 * _bilinear_gain(map0) + w1 * w1 * _bilinear_gain(map1))
+        residual = measured - frame
+        z = residual / np.sqrt(np.maximum(pixel_var, np.float32(1e-6)))
+        z_fields = residual / np.sqrt(np.maximum(variance * blend, np.float32(1e-6)))
         z[~valid] = 0.0
+        z_fields[~valid] = 0.0
         return self._report(np.asarray(z, np.float32), model,
-                            flow_inconsistent=float(1.0 - valid.mean()))
+                            flow_inconsistent=float(1.0 - valid.mean()),
+                            z_fields=np.asarray(z_fields, np.float32))

@@ -198,11 +198,11 @@ def test_an_interpolated_frame_is_checked_against_its_neighbours_raw_frames() ->
 def test_every_interpolated_frame_has_its_trust_map_and_log_line(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, engine={"name": "vst_gaussian"},
                       interpolate={"factor": 2, "method": "flow"})
-    summary, received = run_and_record(cfg, 2.5, ["interpolated", "trust_interpolated"])
+    summary, received = run_and_record(cfg, 2.5, ["interpolated", "interp_trust"])
     interpolated = {(tuple(h["source_ids"]), h["t"]): h for t, h, _ in received
                     if t == "interpolated"}
     maps = {(tuple(h["source_ids"]), h["t"]): (h, px) for t, h, px in received
-            if t == "trust_interpolated"}
+            if t == "interp_trust"}
     assert len(interpolated) > 10 and set(interpolated) == set(maps)
     for key, h in interpolated.items():
         th, tmap = maps[key]

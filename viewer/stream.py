@@ -38,6 +38,8 @@ VIEW_TOPICS = ("raw", "enhanced", "interpolated", "trust")
 SLOTS = ("raw", "enhanced", "trust")
 #: trust maps kept to match the enhanced frame on display
 _TRUST_KEEP = 32
+#: enhanced + interpolated frames waiting for their playout time, at most
+_TIMELINE_KEEP = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +146,17 @@ class LiveStream:
             if slot == "enhanced":
                 self._timeline.append(frame)
                 self._timeline.sort(key=lambda f: f.acquired_unix_ns)
+                # Bounded even when the GUI takes nothing for a while: the oldest go, counted.
+                excess = len(self._timeline) - _TIMELINE_KEEP
+                if excess > 0:
+                    c.dropped += excess
+                    del self._timeline[:excess]
                 if frame.topic == "interpolated":
                     age_ms = (frame.received_unix_ns + self._offset_ns()
                               - frame.acquired_unix_ns) / 1e6
                     self._interp_ages.append((now, age_ms))
+                    while self._interp_ages and self._interp_ages[0][0] < now - 2.0:
+                        self._interp_ages.popleft()
                 if frame.topic == "enhanced":
                     self.latency.add(now, (frame.received_unix_ns - published) / 1e6
                                      + float(frame.header["latency_ms"].get("total", 0.0)))

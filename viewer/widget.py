@@ -10,9 +10,10 @@ Layers (created with the first frame of each):
   when side-by-side is off, to compare by toggling;
 - `enhanced` plays enhanced and interpolated frames in time order (`stream.py`);
 - `trust`: the enhanced frame's trust map (signed local z) added over the enhanced layer:
-  black (adds nothing) where they agree (|z| under 40 % of the threshold), green where the raw frame is brighter than the
-  enhanced one (something erased), magenta where it is dimmer (something added), full
-  colour at ±the frame's alert threshold; toggled with its checkbox.
+  black (adds nothing) where they agree (|z| under 40 % of the threshold), green where the
+  raw frame is brighter than the enhanced one (something erased), magenta where it is
+  dimmer (something added), full colour at ±the frame's alert threshold; toggled with its
+  checkbox.
 Contrast limits follow the data on the first frames (percentiles 1 / 99.8 over 5 frames),
 then stay put; "reset contrast" re-arms that.
 
@@ -81,6 +82,8 @@ class DimscopeWidget(QWidget):
         #: control requests run here, one at a time, never on the GUI thread
         self._requests = ThreadPoolExecutor(1, thread_name_prefix="dimscope-view-control")
         self._pending: list[tuple[str, Future[Any]]] = []
+        #: the daemon's settings as last read or sent (only changes are sent)
+        self._known: dict[str, Any] = {}
         self._build(address, control_address)
         self._timer = QTimer(self)
         self._timer.setInterval(max(1, int(1000 / paint_hz)))
@@ -141,18 +144,18 @@ class DimscopeWidget(QWidget):
         self.exposure = QDoubleSpinBox()
         self.exposure.setRange(0.01, 10000.0)
         self.exposure.setSuffix(" ms")
-        self.exposure.editingFinished.connect(lambda: self._set("exposure", self.exposure.value()))
+        self.exposure.editingFinished.connect(lambda: self._set("exposure", self.exposure))
         self.laser = QDoubleSpinBox()
         self.laser.setRange(0.0, 100.0)
         self.laser.setSingleStep(0.05)
-        self.laser.editingFinished.connect(lambda: self._set("laser_power", self.laser.value()))
+        self.laser.editingFinished.connect(lambda: self._set("laser_power", self.laser))
         self.engine_box = QComboBox()
         self.engine_box.addItems(["denoise", "sr2", "vst_gaussian", "identity"])
-        self.engine_box.activated.connect(lambda _: self._engine())
+        self.engine_box.activated.connect(lambda _: self._engine_name())
         self.budget = QDoubleSpinBox()
         self.budget.setRange(0.0, 10000.0)
         self.budget.setSuffix(" ms (0 = none)")
-        self.budget.editingFinished.connect(self._engine)
+        self.budget.editingFinished.connect(self._budget)
         run = QHBoxLayout()
         self.start_button, self.stop_button = QPushButton("start"), QPushButton("stop")
         self.start_button.clicked.connect(lambda: self._command("start"))
@@ -207,9 +210,9 @@ class DimscopeWidget(QWidget):
             self._enable_controls(False, "this dimscope has no control client")
             return
         address = self.control_edit.text().strip()
-        client = ControlClient(address, timeout_s=0.5)
+        client = ControlClient(address, timeout_s=10.0)  # a camera restart takes a while
         try:
-            status = client.status()
+            status = client.request("status", timeout_s=0.5)  # a quick probe
         except Exception as exc:  # no daemon there, an old daemon, a refused key
             client.close()
             self._enable_controls(False, f"the daemon has no control socket at {address} "
@@ -217,10 +220,23 @@ class DimscopeWidget(QWidget):
             return
         self.control = client
         self._enable_controls(True, f"control: {address}")
-        for box, key in ((self.exposure, "exposure_ms"), (self.laser, "laser_power")):
-            value = _dig(status, key)
+        settings = status.get("settings", {})
+        engine = status.get("engine", {})
+        for box, key, name in ((self.exposure, "exposure_ms", "exposure"),
+                               (self.laser, "laser_power", "laser_power")):
+            value = settings.get(key)
             if isinstance(value, (int, float)):
                 box.setValue(float(value))
+                self._known[name] = box.value()
+        name = engine.get("engine") or engine.get("name")
+        if isinstance(name, str):
+            if self.engine_box.findText(name) < 0:
+                self.engine_box.addItem(name)
+            self.engine_box.setCurrentText(name)
+            self._known["engine"] = name
+        budget = engine.get("budget_ms")
+        self.budget.setValue(float(budget) if isinstance(budget, (int, float)) else 0.0)
+        self._known["budget_ms"] = self.budget.value()
 
     def _enable_controls(self, enabled: bool, why: str) -> None:
         for child in self.controls.findChildren(QWidget):
@@ -246,13 +262,26 @@ class DimscopeWidget(QWidget):
             exc = future.exception()
             self.control_status.setText(f"{method}: ok" if exc is None else f"{method}: {exc}")
 
-    def _set(self, prop: str, value: float) -> None:
-        self._command("set", name=prop, value=value)
+    def _changed(self, key: str, value: Any) -> bool:
+        """Whether `value` differs from what the daemon last said or was last sent (leaving
+        a field without editing it must not re-send: a camera setting restarts the camera)."""
+        if self._known.get(key) == value:
+            return False
+        self._known[key] = value
+        return True
 
-    def _engine(self) -> None:
-        # budget 0 removes the budget (the control socket's convention)
-        self._command("engine", name=self.engine_box.currentText(),
-                      budget_ms=self.budget.value())
+    def _set(self, prop: str, box: QDoubleSpinBox) -> None:
+        if self._changed(prop, box.value()):
+            self._command("set", name=prop, value=box.value())
+
+    def _engine_name(self) -> None:
+        if self._changed("engine", self.engine_box.currentText()):
+            self._command("engine", name=self.engine_box.currentText())
+
+    def _budget(self) -> None:
+        # budget 0 removes the budget (the control socket's convention); the engine stays
+        if self._changed("budget_ms", self.budget.value()):
+            self._command("engine", budget_ms=self.budget.value())
 
     # -- painting --------------------------------------------------------------------------
     def paint(self) -> None:
@@ -411,8 +440,8 @@ class DimscopeWidget(QWidget):
         return saved
 
     def closeEvent(self, event: Any) -> None:
-        self.disconnect_stream()
-        self._requests.shutdown(wait=False, cancel_futures=True)
+        self.disconnect_stream()  # queues the control client's close behind its requests
+        self._requests.shutdown(wait=False)
         super().closeEvent(event)
 
 
@@ -431,15 +460,3 @@ def _model_text(engine: dict[str, Any] | None) -> str:
         return "none (raw)"
     text = f"{engine.get('name', '?')} {engine.get('version', '')} ({engine.get('runtime', '')})"
     return text + (" UNVERIFIED" if not engine.get("verified", True) else "")
-
-
-def _dig(tree: Any, key: str) -> Any:
-    """The first value of `key` anywhere in a nested dict (status layouts may change)."""
-    if isinstance(tree, dict):
-        if key in tree:
-            return tree[key]
-        for value in tree.values():
-            found = _dig(value, key)
-            if found is not None:
-                return found
-    return None
