@@ -389,6 +389,12 @@ class Acquisition:
             self.stop_requested_mono = time.monotonic()
         return reason
 
+    @property
+    def running_sequence(self) -> Any:
+        """The useq sequence an `mda.run` from the control socket is running now, else None."""
+        run = self._sequence_run
+        return run.sequence if run is not None else None
+
     def _run_queued_sequence(self) -> None:
         """Run the sequence `queue_sequence` took (blocks this thread until it ends; the
         control socket answers meanwhile and `acquisition.stop` cancels it)."""

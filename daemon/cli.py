@@ -154,11 +154,27 @@ def _frames_stored(pipeline: Any) -> int:
     return int(archive.counters.passed) if archive is not None else 0
 
 
+def _quiet_on_purpose(pipeline: Any, monitor: Any) -> bool:
+    """Whether no frames are expected now: live streaming stopped from the control socket.
+    Also refreshes the allowed gap between frames, which a control `set exposure` or an
+    `mda.run` started from the control socket changes during the run."""
+    from .acquisition import AcquisitionMode
+
+    acquisition = pipeline.acquisition
+    if acquisition is None:
+        return False
+    monitor.grace_s = _expected_gap_s(pipeline)
+    return getattr(acquisition, "mode", None) is AcquisitionMode.STOPPED
+
+
 def _expected_gap_s(pipeline: Any) -> float:
     """How long frames may legitimately not arrive: two exposures, plus the longest planned
     wait of an MDA time-lapse. The watchdog keeps pinging through such a gap."""
     gap = 2 * max(float(pipeline.source.core.getExposure()), 0.0) / 1000.0
-    plan = getattr(pipeline.mda_sequence, "time_plan", None)
+    acquisition = pipeline.acquisition
+    sequence = (getattr(acquisition, "running_sequence", None)  # an mda.run in progress
+                or getattr(acquisition, "sequence", None) or pipeline.mda_sequence)
+    plan = getattr(sequence, "time_plan", None)
     if plan is not None:
         times = [float(t) for t in plan]
         gap += max((b - a for a, b in itertools.pairwise(times)), default=0.0)
@@ -311,7 +327,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     status = _ServiceStatus(pipeline)
     monitor = ServiceMonitor(notifier, ready=lambda: _first_frame_stored(pipeline),
                              progress=lambda: _frames_stored(pipeline), status=status,
-                             watchdog_s=watchdog_s, reload=reloader)
+                             watchdog_s=watchdog_s, reload=reloader,
+                             idle_ok=lambda: _quiet_on_purpose(pipeline, monitor))
     monitor.start()
     try:
         return _run(args, config, pipeline, monitor, reloader, status)
@@ -652,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_enhance import add_adapt_parser, add_enhance_parser
     from .cli_keys import add_security_parsers
     from .cli_models import add_eval_parser, add_models_parser, add_train_parser
+    from .cli_pairs import add_pairs_parsers
     from .cli_view import add_view_parser
 
     add_train_parser(sub)
@@ -662,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_parsers(sub)  # ctl
     add_security_parsers(sub)  # keys, relay
     add_view_parser(sub)  # view (napari; the viewer extra)
+    add_pairs_parsers(sub)  # pairs register, pairs apply
 
     rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
     rc.add_argument("run_dir", type=Path)

@@ -82,6 +82,8 @@ class Recording:
     returncode: int | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+    #: (start, end) of the time live streaming was stopped from the control socket
+    paused: tuple[float, float] = (0.0, 0.0)
 
     def times(self, key: str, value: str | None = None) -> list[float]:
         return [t for t, m in self.messages if key in m and (value is None or m[key] == value)]
@@ -96,11 +98,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Recording:
     free port, --log-json; SIGHUP after a config edit, then SIGTERM."""
     tmp = tmp_path_factory.mktemp("service")
     metrics_port = _free_port()
+    control = free_tcp_address()
     body = ('[source]\nkind = "sim"\nwidth = 64\nheight = 64\nexposure_ms = 5.0\n'
             '[engine]\nname = "identity"\n'
             f'[archive]\nout_dir = "{tmp / "runs"}"\nfsync_every_s = 0\n'
             f'[metrics]\naddress = "127.0.0.1:{metrics_port}"\n'
-            f'[publish]\naddress = "{free_tcp_address()}"\n')
+            f'[publish]\naddress = "{free_tcp_address()}"\n'
+            f'[control]\naddress = "{control}"\n')
     config = write_config(tmp / "dimscope.toml", body)
     rec = Recording()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -132,6 +136,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Recording:
                 proc.send_signal(signal.SIGHUP)
                 rec.messages += _messages(sock, time.monotonic() + 2.5)
                 rec.metrics.append(_scrape(metrics_port))
+                # Live streaming stopped on purpose from the control socket: no frames for
+                # longer than the watchdog timeout, and still no stall.
+                from dimscope.daemon.client import ControlClient
+
+                with ControlClient(control, timeout_s=20) as ctl:
+                    ctl.stop()
+                    rec.paused = (time.monotonic(), time.monotonic() + 2.5 * WATCHDOG_S)
+                    rec.messages += _messages(sock, rec.paused[1])
+                    ctl.start()
+                rec.messages += _messages(sock, time.monotonic() + 1.0)
                 rec.term_at = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
                 rec.messages += _messages(sock, time.monotonic() + 1.0)
@@ -171,6 +185,16 @@ def test_watchdog_pings_while_frames_flow(daemon: Recording) -> None:
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert max(gaps) < WATCHDOG_S, gaps
     assert pings[-1] < stop and stop - pings[-1] < WATCHDOG_S
+
+
+def test_watchdog_keeps_pinging_while_streaming_is_stopped_on_purpose(
+        daemon: Recording) -> None:
+    start, end = daemon.paused
+    pings = [t for t in daemon.times("WATCHDOG") if start <= t <= end]
+    assert len(pings) >= 3 and max(b - a for a, b in itertools.pairwise(pings)) \
+        <= WATCHDOG_S
+    assert not any("STALLED" in m.get("STATUS", "") for t, m in daemon.messages
+                   if start + 0.5 <= t <= end)
 
 
 def test_sigterm_sends_stopping_and_ends_the_pings(daemon: Recording) -> None:
