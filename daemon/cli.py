@@ -475,8 +475,14 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
           + (f" (giving up after {args.timeout:g} s)" if args.timeout is not None else
              " (Ctrl-C to stop; --timeout S to give up)"), file=sys.stderr)
     n = 0
-    with Subscriber(args.address, topics=topics,
-                    max_message_bytes=int(args.max_frame_mb * 2**20)) as sub:
+    try:
+        sub = Subscriber(args.address, topics=topics,
+                         max_message_bytes=int(args.max_frame_mb * 2**20),
+                         server_key=args.server_key, client_key=args.client_key)
+    except (ValueError, OSError) as exc:  # half a key pair, unreadable key files
+        print(f"dimscope: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with sub:
         last_frame = started = time.monotonic()
         next_notice = started + _WAIT_NOTICE_S
         while not interrupted and (args.count is None or n < args.count):
@@ -658,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save received frames to FILE.tif (one file per topic: FILE-TOPIC.tif)")
     s.add_argument("--max-frame-mb", type=float, default=512.0,
                    help="refuse messages larger than this (a rogue publisher cannot fill memory)")
+    s.add_argument("--server-key", type=Path, default=None,
+                   help="the daemon's public .key file (streams published with CURVE)")
+    s.add_argument("--client-key", type=Path, default=None,
+                   help="this client's .key_secret file (allowed by the daemon)")
     s.set_defaults(func=cmd_subscribe)
 
     c = sub.add_parser("check-config", help="validate a config file")

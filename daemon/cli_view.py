@@ -25,7 +25,8 @@ def cmd_view(args: argparse.Namespace) -> int:
         viewer.window.add_dock_widget(RunReviewWidget(viewer, Path(target)),
                                       name="dimscope run review", area="right")
     else:
-        widget = DimscopeWidget(viewer, address=target, control_address=args.control)
+        widget = DimscopeWidget(viewer, address=target, control_address=args.control,
+                                server_key=args.server_key, client_key=args.client_key)
         viewer.window.add_dock_widget(widget, name="dimscope live", area="right")
         widget.connect_stream()
     napari.run()
@@ -39,4 +40,8 @@ def add_view_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "folder to review")
     v.add_argument("--control", default="tcp://127.0.0.1:5556",
                    help="the daemon's control address (controls are disabled without one)")
+    v.add_argument("--server-key", type=Path, default=None,
+                   help="the daemon's public .key file (a daemon using CURVE)")
+    v.add_argument("--client-key", type=Path, default=None,
+                   help="this viewer's .key_secret file (allowed by the daemon)")
     v.set_defaults(func=cmd_view)

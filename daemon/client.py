@@ -45,10 +45,25 @@ class Subscriber:
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555",
                  topics: Sequence[str] = ("raw", "enhanced"), rcv_hwm: int = 64,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 server_key: Path | None = None, client_key: Path | None = None) -> None:
+        """`server_key` (the daemon's public `.key` file) and `client_key` (this client's
+        `.key_secret`, allowed by the daemon): for streams published with CURVE."""
         self.address = address
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
+        if (server_key is None) != (client_key is None):
+            self._sock.close(0)
+            raise ValueError("CURVE needs both the daemon's public key and this client's "
+                             "secret key")
+        if server_key is not None and client_key is not None:
+            from .security import curve_client
+
+            try:
+                curve_client(self._sock, server_key, client_key)
+            except Exception:
+                self._sock.close(0)
+                raise
         self._sock.setsockopt(zmq.RCVHWM, rcv_hwm)
         # A peer that sends a larger message part is disconnected instead of buffered.
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)

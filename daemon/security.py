@@ -109,8 +109,9 @@ class AllowList:
         return ok
 
 
-#: one ZAP authenticator per ZeroMQ context (ZeroMQ allows only one handler per context);
-#: shared by the CurveServers on that context (the control socket, the publisher), counted
+#: one ZAP authenticator per ZeroMQ context (ZeroMQ allows only one handler per context),
+#: shared by the CurveServers on that context and counted (dimscope gives each CURVE server
+#: socket a context of its own, so in practice one each; a plugin may share one)
 _AUTHENTICATORS: dict[int, tuple[ThreadAuthenticator, int]] = {}
 _AUTH_LOCK = threading.Lock()
 

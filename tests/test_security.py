@@ -183,18 +183,17 @@ def test_a_daemon_with_curve_streams_serves_only_allowed_viewers(
     pipeline.start()
     try:
         endpoint = pipeline.publish_endpoint or ""
-        allowed = _subscriber(endpoint, (keys["daemon"], keys["viewer_secret"]))
-        plain = _subscriber(endpoint)
-        got = {"allowed": 0, "plain": 0}
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
-            for name, sock in (("allowed", allowed), ("plain", plain)):
-                if sock.poll(10):
-                    header, _ = decode(sock.recv_multipart())
-                    got[name] += int(header["schema"] == "dimscope.frame/2")
-        allowed.close(0)
-        plain.close(0)
+        from dimscope.daemon.client import Subscriber
+
+        got = {}
+        with Subscriber(endpoint, topics=["raw"], server_key=keys["daemon"],
+                        client_key=keys["viewer_secret"]) as allowed, \
+                Subscriber(endpoint, topics=["raw"]) as plain:
+            got["allowed"] = sum(1 for _ in allowed.frames(count=20, timeout_s=3.0))
+            got["plain"] = sum(1 for _ in plain.frames(count=1, timeout_s=1.0))
     finally:
         summary = pipeline.stop()
-    assert got["allowed"] > 10 and got["plain"] == 0
+    assert got["allowed"] == 20 and got["plain"] == 0
     assert summary.acquired == summary.archived
+    with pytest.raises(ValueError, match="both"):
+        Subscriber(endpoint, server_key=keys["daemon"])

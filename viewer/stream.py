@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,8 +88,12 @@ class History:
 
 class LiveStream:
     def __init__(self, address: str, topics: Sequence[str] = VIEW_TOPICS,
-                 rcv_hwm: int = 8) -> None:
+                 rcv_hwm: int = 8, server_key: Path | None = None,
+                 client_key: Path | None = None) -> None:
+        """`server_key`/`client_key`: CURVE key files for a daemon that encrypts its
+        streams (`publish.curve`)."""
         self.address = address
+        self._keys = (server_key, client_key)
         self.topics = tuple(topics)
         self.counters = {slot: SlotCounters() for slot in SLOTS}
         #: publish -> receive latency (ms) of enhanced frames, and frames/s received
@@ -118,7 +123,8 @@ class LiveStream:
 
     def _run(self) -> None:
         try:
-            sub = Subscriber(self.address, topics=self.topics, rcv_hwm=self._rcv_hwm)
+            sub = Subscriber(self.address, topics=self.topics, rcv_hwm=self._rcv_hwm,
+                             server_key=self._keys[0], client_key=self._keys[1])
         except Exception as exc:  # a bad address: said in the widget, not raised into Qt
             self.error = f"cannot subscribe to {self.address}: {exc}"
             return

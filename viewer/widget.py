@@ -64,9 +64,13 @@ _RECORD_LIMIT = 2000
 
 class DimscopeWidget(QWidget):
     def __init__(self, napari_viewer: Any, address: str = DEFAULT_ADDRESS,
-                 control_address: str = DEFAULT_CONTROL, paint_hz: float = 60.0) -> None:
+                 control_address: str = DEFAULT_CONTROL, paint_hz: float = 60.0,
+                 server_key: Path | None = None, client_key: Path | None = None) -> None:
+        """`server_key`/`client_key`: CURVE key files (the daemon's public key, this
+        viewer's secret key) for a daemon whose streams and control socket use CURVE."""
         super().__init__()
         self.viewer = napari_viewer
+        self._keys = (server_key, client_key)
         self.stream: LiveStream | None = None
         self.control: Any = None
         self._contrast: dict[str, list[tuple[float, float]]] = {}
@@ -185,7 +189,8 @@ class DimscopeWidget(QWidget):
         if address is not None:
             self.address_edit.setText(address)
         topics = [t for t, box in self.topic_boxes.items() if box.isChecked()]
-        self.stream = LiveStream(self.address_edit.text().strip(), topics).start()
+        self.stream = LiveStream(self.address_edit.text().strip(), topics,
+                                 server_key=self._keys[0], client_key=self._keys[1]).start()
         self.connect_button.setText("disconnect")
         self._connect_control()
         self._timer.start()
@@ -210,7 +215,12 @@ class DimscopeWidget(QWidget):
             self._enable_controls(False, "this dimscope has no control client")
             return
         address = self.control_edit.text().strip()
-        client = ControlClient(address, timeout_s=10.0)  # a camera restart takes a while
+        try:  # a camera restart takes a while: requests wait up to 10 s
+            client = ControlClient(address, timeout_s=10.0, server_key=self._keys[0],
+                                   client_key=self._keys[1])
+        except Exception as exc:  # unreadable key files
+            self._enable_controls(False, f"cannot use the control socket at {address}: {exc}")
+            return
         try:
             status = client.request("status", timeout_s=0.5)  # a quick probe
         except Exception as exc:  # no daemon there, an old daemon, a refused key
