@@ -70,6 +70,9 @@ class Relay:
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise OSError(f"relay {upstream} -> {bind}: {exc}") from None
+        except BaseException:  # unreadable upstream keys: release everything, say why
+            self._close_sockets()
+            raise
         self.endpoint = self._xpub.getsockopt_string(zmq.LAST_ENDPOINT)
         check_exposure(bind, what=f"relay on {self.endpoint}", curve=self.curve is not None)
         self._thread = threading.Thread(target=self._run, name="dimscope-relay", daemon=True)
