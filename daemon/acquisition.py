@@ -240,10 +240,25 @@ class Acquisition:
             result = apply()
         finally:
             if restart:
-                self._start_sequence(core)
+                self._restart_after_change(core)
         stopped_ms = (time.perf_counter() - t0) * 1e3 if restart else None
         straddles = streaming and not restart
         return result, ChangePoint(next_id, next_id + int(straddles), restart, stopped_ms)
+
+    def _restart_after_change(self, core: Any) -> None:
+        """Restart the camera's sequence after a change; once more if it refuses; then stop
+        the run with an error that says so (not a misleading "camera stopped delivering")."""
+        try:
+            self._start_sequence(core)
+        except Exception as first:
+            log.warning("the camera did not restart after a control change (%s); retrying",
+                        first)
+            try:
+                self._start_sequence(core)
+            except Exception as exc:
+                raise AcquisitionError(
+                    f"the camera did not restart its sequence after a control change: {exc} "
+                    "(every frame taken before the change is archived)") from exc
 
     def pause(self) -> int:
         """Stop live streaming, hand on every frame already taken, close the shutter;
