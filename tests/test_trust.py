@@ -56,8 +56,29 @@ def test_the_truth_scores_as_white_noise_and_never_alerts() -> None:
 
 def test_raw_passed_off_as_enhanced_is_trivially_consistent() -> None:
     raw = _measure(_scene(), np.random.default_rng(2))
-    score = TrustMeter(CAL).measure(raw, raw, noise=NOISE).score
-    assert score.mean_abs_z == 0 and score.max_z == 0 and not score.alert
+    for enhanced in (raw, raw.copy()):  # the shortcut, and the arithmetic
+        score = TrustMeter(CAL).measure(raw, enhanced, noise=NOISE).score
+        assert score.mean_abs_z == 0 and score.max_z == 0 and not score.alert
+
+
+def test_an_engine_emitting_nan_alerts_and_the_header_stays_json() -> None:
+    import json
+
+    truth = _scene()
+    raw = _measure(truth, np.random.default_rng(8))
+    broken = truth.copy()
+    broken[10:20, 10:20] = np.nan
+    score = TrustMeter(CAL).measure(raw, broken, noise=NOISE).score
+    assert score.alert
+    json.loads(json.dumps(score.as_dict(), allow_nan=False))
+
+
+def test_one_bad_sensor_column_does_not_decide_the_score() -> None:
+    truth = _scene((512, 512))
+    raw = _measure(truth, np.random.default_rng(9))
+    raw[:, 0] += 40 * float(np.sqrt(NOISE.variance(np.float32(truth.mean()))))  # a hot column
+    score = TrustMeter(CAL).measure(raw, truth, noise=NOISE).score
+    assert 0.9 < score.residual_sd < 1.1
 
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["inserted", "erased"])
@@ -166,6 +187,25 @@ def _drifting_pair(shift: float = 2.0, seed: int = 7) -> tuple[np.ndarray, ...]:
     one = move(truth0, (0, shift), order=1, mode="nearest").astype(np.float32)
     rng = np.random.default_rng(seed)
     return truth0, one, _measure(truth0, rng), _measure(one, rng)
+
+
+def test_an_exact_interpolation_of_subpixel_motion_does_not_alert() -> None:
+    """The truth at t = 0.5 of a scene drifting 1.3 px per frame (sampling between pixels)
+    is consistent with its neighbours' raw frames."""
+    from scipy.ndimage import shift as move
+
+    from dimscope.engines.trust import InterpolatedTrust
+
+    truth0 = _scene((128, 128), seed=11)
+    half, one = (move(truth0, (0.4 * k, 1.3 * k), order=3, mode="nearest").astype(np.float32)
+                 for k in (0.5, 1.0))
+    meter = InterpolatedTrust(CAL)
+    rng = np.random.default_rng(12)
+    truth0.flags.writeable = one.flags.writeable = False
+    alerts = [meter.measure_interpolated(_measure(truth0, rng), _measure(one, rng), truth0, one,
+                                         half, 0.5, noise=NOISE).score.alert
+              for _ in range(10)]
+    assert sum(alerts) == 0
 
 
 def test_an_interpolated_frame_is_checked_against_its_neighbours_raw_frames() -> None:

@@ -127,6 +127,21 @@ def test_controls_drive_the_daemon_through_its_control_socket(
         qtbot.waitUntil(lambda: "raw" in widget._shown
                         and widget._shown["raw"].header["exposure_ms"] == 15.0, timeout=10000)
         assert "· 15.0 ms" in widget.readout.text()
+        # leaving a field without a change sends nothing
+        widget.exposure.editingFinished.emit()
+        assert widget.control_status.text() == "set: ok"
+        # the budget alone: the engine stays
+        assert widget.engine_box.currentText() == "identity"
+        widget.budget.setValue(50.0)
+        widget.budget.editingFinished.emit()
+        qtbot.waitUntil(lambda: widget.control_status.text() == "engine: ok", timeout=10000)
+        stage = pipeline.stage("engine")
+        assert getattr(stage, "budget_ms", None) == 50.0 and pipeline.engine_name == "identity"
+        # the engine alone: the budget stays
+        widget.engine_box.setCurrentText("vst_gaussian")
+        widget.engine_box.activated.emit(widget.engine_box.currentIndex())
+        qtbot.waitUntil(lambda: pipeline.engine_name == "vst_gaussian", timeout=20000)
+        assert getattr(pipeline.stage("engine"), "budget_ms", None) == 50.0
     finally:
         widget.disconnect_stream()
         summary = pipeline.stop()
