@@ -664,10 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save received frames to FILE.tif (one file per topic: FILE-TOPIC.tif)")
     s.add_argument("--max-frame-mb", type=float, default=512.0,
                    help="refuse messages larger than this (a rogue publisher cannot fill memory)")
-    s.add_argument("--server-key", type=Path, default=None,
-                   help="the daemon's public .key file (streams published with CURVE)")
-    s.add_argument("--client-key", type=Path, default=None,
-                   help="this client's .key_secret file (allowed by the daemon)")
+    from .cli_keys import add_client_key_args
+
+    add_client_key_args(s)  # streams published with CURVE
     s.set_defaults(func=cmd_subscribe)
 
     c = sub.add_parser("check-config", help="validate a config file")

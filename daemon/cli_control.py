@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli_keys import add_client_key_args
+
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
 #: settings `get`/`set` know by name (everything else: DEVICE PROPERTY)
@@ -48,11 +50,7 @@ def add_control_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                             "address: use it when the default port was taken)")
     c.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds to wait for the reply (default 5; engine 60, stop 30)")
-    c.add_argument("--server-key", type=Path, default=None, metavar="FILE.key",
-                   help="CURVE: the daemon's public key file")
-    c.add_argument("--client-key", type=Path, default=None, metavar="FILE.key_secret",
-                   help="CURVE: this client's secret key file (its public key must be in "
-                        "the daemon's allow-list)")
+    add_client_key_args(c)
     c.add_argument("--json", action="store_true", help="print the reply's result as JSON")
     cs = c.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
 

@@ -71,6 +71,16 @@ def cmd_relay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_client_key_args(parser: argparse.ArgumentParser, of: str = "the daemon") -> None:
+    """`--server-key FILE.key --client-key FILE.key_secret`: a client's CURVE keys (`ctl`,
+    `subscribe`, `view`, `relay` towards the daemon)."""
+    parser.add_argument("--server-key", type=Path, default=None, metavar="FILE.key",
+                        help=f"CURVE: {of}'s public key file")
+    parser.add_argument("--client-key", type=Path, default=None, metavar="FILE.key_secret",
+                        help=f"CURVE: this client's secret key file (its public key must be "
+                             f"in {of}'s allow-list)")
+
+
 def add_security_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     k = sub.add_parser("keys", help="create a CURVE key pair (for the daemon or a client)")
     k.add_argument("folder", type=Path, help="where to write NAME.key and NAME.key_secret")
@@ -83,10 +93,7 @@ def add_security_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
     r.add_argument("--from", dest="upstream", required=True,
                    help="the daemon's publish address, e.g. tcp://scope-pc:5555")
     r.add_argument("--bind", required=True, help="where viewers connect, e.g. tcp://*:6555")
-    r.add_argument("--server-key", type=Path, default=None,
-                   help="the daemon's public key file (CURVE upstream)")
-    r.add_argument("--client-key", type=Path, default=None,
-                   help="this relay's .key_secret file (allowed by the daemon)")
+    add_client_key_args(r)
     r.add_argument("--secret-key", type=Path, default=None,
                    help="this relay's own server .key_secret (CURVE towards viewers)")
     r.add_argument("--allowed-clients", type=Path, default=None,

@@ -40,8 +40,7 @@ def add_view_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "folder to review")
     v.add_argument("--control", default="tcp://127.0.0.1:5556",
                    help="the daemon's control address (controls are disabled without one)")
-    v.add_argument("--server-key", type=Path, default=None,
-                   help="the daemon's public .key file (a daemon using CURVE)")
-    v.add_argument("--client-key", type=Path, default=None,
-                   help="this viewer's .key_secret file (allowed by the daemon)")
+    from .cli_keys import add_client_key_args
+
+    add_client_key_args(v)  # a daemon using CURVE
     v.set_defaults(func=cmd_view)
