@@ -32,6 +32,13 @@ def _print_pair(entry: dict[str, Any]) -> None:
         print(f"{entry['name']}: REJECTED  {entry['reason']}", flush=True)
 
 
+def _bad_input(exc: Exception, out: Any) -> int:
+    """Exit 2 with one line: the input's problem, or what could not be written."""
+    message = str(exc) if not isinstance(exc, OSError) else f"could not write {out}: {exc}"
+    print(f"dimscope: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def cmd_pairs_register(args: argparse.Namespace) -> int:
     from dimscope.engines.pairs import PairsError, RegistrationOptions, register_pairs
 
@@ -41,12 +48,8 @@ def cmd_pairs_register(args: argparse.Namespace) -> int:
         report = register_pairs(args.low, args.high, args.out,
                                 tuple(args.pixel_size) if args.pixel_size else None,
                                 opts, on_pair=_print_pair)
-    except PairsError as exc:
-        print(f"dimscope: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(f"dimscope: could not write {args.out}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (PairsError, OSError) as exc:
+        return _bad_input(exc, args.out)
     n, ok = len(report["pairs"]), report["registered"]
     unpaired = report["unpaired"]
     if unpaired["low_only"] or unpaired["high_only"]:
@@ -66,12 +69,8 @@ def cmd_pairs_apply(args: argparse.Namespace) -> int:
         report = apply_transforms(args.transform_dir, args.other_low, args.out,
                                   on_image=lambda name, path: print(f"{name}: {path}",
                                                                     flush=True))
-    except PairsError as exc:
-        print(f"dimscope: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(f"dimscope: could not write {args.out}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (PairsError, OSError) as exc:
+        return _bad_input(exc, args.out)
     print(f"{len(report['applied'])} image(s) resampled into {args.out / 'low'}")
     return EXIT_OK
 
