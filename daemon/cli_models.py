@@ -41,7 +41,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_high=str(args.val_high) if args.val_high else None, val_every=args.val_every,
         checkpoint_every=args.val_every, init=args.init, name=args.name, version=args.version,
         window=args.window, vst=args.vst, movies=[str(m) for m in args.movies],
-        photons=(args.photons[0], args.photons[1]), noise_weight=args.noise_weight)
+        photons=(args.photons[0], args.photons[1]), noise_weight=args.noise_weight,
+        pairs=[str(p) for p in args.pairs], planes=args.planes, transfer_scale=args.scale,
+        low_modality=args.modalities[0], high_modality=args.modalities[1],
+        pixel_um=(args.pixel_size[0], args.pixel_size[1]) if args.pixel_size else None,
+        ssim_weight=args.ssim_weight,
+        **({"sim_classes": args.sim_classes} if args.sim_classes else {}))
+    if args.task == "transfer" and not args.pairs and not args.sim_fraction:
+        print("dimscope: train transfer needs --pairs (registered pair folders) or a "
+              "--sim-fraction above 0", file=sys.stderr)
+        return EXIT_BAD_INPUT
     out = args.out or Path(f"{args.name or args.task}.onnx")
     try:
         result = train(settings, out, checkpoint=args.checkpoint, resume=args.resume,
@@ -56,9 +65,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(sub: Any) -> None:
-    t = sub.add_parser("train", help="train a model from good images (crappifier) and "
-                       "export it as ONNX with a model card")
-    t.add_argument("task", choices=["denoise", "sr2", "interp"])
+    t = sub.add_parser("train", help="train a model from good images (crappifier) or "
+                       "registered image pairs (transfer) and export it as ONNX with a card")
+    t.add_argument("task", choices=["denoise", "sr2", "interp", "transfer"])
     t.add_argument("--data", type=Path, nargs="*", default=[],
                    help="folders or TIFF files of good images (every 2-D plane is used)")
     t.add_argument("--sim-fraction", type=float, default=0.5,
@@ -80,6 +89,23 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--noise-weight", type=float, default=0.0,
                    help="noise-aware clips: weight each sample's MSE by sigma^-W (0: plain "
                         "MSE, dominated by the darkest samples; 2: every photon level alike)")
+    tr = t.add_argument_group("transfer (cross-modality, from two-instrument pairs)")
+    tr.add_argument("--pairs", type=Path, nargs="*", default=[],
+                    help="`dimscope pairs register` output folders")
+    tr.add_argument("--planes", default=None,
+                    help="stack planes to train on, e.g. 0:10,25:45 (hold the others out)")
+    tr.add_argument("--scale", type=int, choices=[1, 2, 4], default=1,
+                    help="HIGH's sampling relative to LOW's")
+    tr.add_argument("--sim-classes", nargs="*", default=None,
+                    help="structure classes of the simulated pairs mixed in (default: "
+                         "filaments puncta nuclei images; `images` uses --data as densities)")
+    tr.add_argument("--modalities", nargs=2, default=("widefield", "confocal"),
+                    metavar=("LOW", "HIGH"), help="the two modalities' names for the card")
+    tr.add_argument("--pixel-size", type=float, nargs=2, default=None,
+                    metavar=("LOW_UM", "HIGH_UM"), help="pixel sizes when training on "
+                    "simulated pairs alone (registered pairs record theirs)")
+    tr.add_argument("--ssim-weight", type=float, default=1.0,
+                    help="loss = L1 + W·(1 − SSIM); 0 = L1 alone")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--patch", type=int, default=128, help="input crop size in pixels")

@@ -415,8 +415,11 @@ class EngineStage(Stage):
         if self.trust is not None and frame.pixels.ndim == 2:
             t_trust = time.monotonic_ns()
             try:
+                info = self.engine.info
                 report = self.trust.measure(frame.pixels, out, self.engine.scale,
-                                            noise=_noise_in_use(self.engine))
+                                            noise=_noise_in_use(self.engine),
+                                            psf_sigma_px=info.forward_psf_sigma_px,
+                                            fit_intensity=info.forward_fits_intensity)
             except Exception as exc:  # a trust failure must not end enhancement
                 self.trust_errors += 1
                 if self.trust_errors == 1:

@@ -23,6 +23,9 @@ _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     # Trained models: same engine, different shipped model file (option `model`).
     "denoise": ("dimscope.engines.model_engine:ModelEngine", {"model": "denoise"}),
     "sr2": ("dimscope.engines.model_engine:ModelEngine", {"model": "sr2"}),
+    # Cross-modality transfer (widefield -> confocal-like by default; options.model names
+    # one trained with `dimscope train transfer`).
+    "transfer": ("dimscope.engines.model_engine:ModelEngine", {"model": "transfer"}),
     "model": ("dimscope.engines.model_engine:ModelEngine", {}),
 }
 

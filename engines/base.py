@@ -31,6 +31,13 @@ class EngineInfo:
     #: False only when a model whose weights do not match its card was loaded anyway
     #: (`--allow-unverified-model`); every frame it makes says so
     verified: bool = True
+    #: the trust check's forward model beyond binning by `scale`: a Gaussian blur (sigma,
+    #: output pixels) applied first — a transfer model's output is sharper than the optics
+    #: that recorded the raw frame (fitted to its training pairs); 0 = none
+    forward_psf_sigma_px: float = 0.0
+    #: the output is in another modality's intensity units: the trust check fits a gain
+    #: and offset onto the raw frame per frame before comparing
+    forward_fits_intensity: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The engine for trained models (`denoise`, `sr2`, or any exported model file).
+"""The engine for trained models (`denoise`, `sr2`, `transfer`, or any exported model file).
 
 Per frame: normalise with the model card's settings, run the network through
 the chosen runtime (in overlapping tiles when the frame is larger than
@@ -19,6 +19,10 @@ same architecture for the shape and runtime in service, touching nothing in serv
 (any thread); `install()` then swaps it in between two frames, keeping the temporal
 window and the noise model; `info.version` becomes the new card's, so every later
 frame's header names it.
+
+A transfer model's card carries its forward model (the blur fitted to its training
+pairs); `info` passes it on, with the note that its output is in another modality's
+intensity units, so the trust check compares like with like.
 
 Integrity: the model file's network is checked against the SHA-256 its card records
 (`model_file.open_model_card`) when the engine is made, so a changed or damaged file is
@@ -110,7 +114,7 @@ class ModelEngine:
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
                                runtime="not loaded", precision=precision,
                                scale=self.scale, model_sha256=self.model_sha256,
-                               verified=self.verified)
+                               verified=self.verified, **self._forward())
 
     def prepare(self, shape: tuple[int, ...], dtype: np.dtype[np.generic],
                 calibration: CameraCalibration) -> None:
@@ -139,7 +143,15 @@ class ModelEngine:
                                runtime=self.runtime.name if self.runtime else "not loaded",
                                precision=self.runtime.precision if self.runtime else "",
                                scale=self.scale, noise=noise, model_sha256=self.model_sha256,
-                               verified=self.verified)
+                               verified=self.verified, **self._forward())
+
+    def _forward(self) -> dict[str, Any]:
+        """The trust check's forward model from the card (transfer models only)."""
+        transfer = self.card.transfer
+        if transfer is None:
+            return {}
+        return {"forward_psf_sigma_px": transfer.forward_psf_sigma_px,
+                "forward_fits_intensity": True}
 
     def load_replacement(self, path: Path) -> ModelReplacement:
         """`path` compiled for the shape and runtime in service; nothing in service changes,

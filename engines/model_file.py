@@ -40,13 +40,38 @@ class ModelIntegrityError(EngineError):
     records, or its card records none."""
 
 
+class TransferProvenance(BaseModel):
+    """What a cross-modality transfer model maps between and what it learned from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: e.g. "widefield" -> "confocal"
+    low_modality: str
+    high_modality: str
+    low_pixel_um: float = Field(gt=0)
+    high_pixel_um: float = Field(gt=0)
+    #: registered pairs used (name, and the planes for stacks), from `pairs register` folders
+    pairs: list[dict[str, Any]] = Field(default_factory=list)
+    #: each pair's registration statistics (report.json of `dimscope pairs register`)
+    registration: list[dict[str, Any]] = Field(default_factory=list)
+    #: simulated pairs mixed in (structure classes, PSFs, photon range), empty if none
+    simulated: dict[str, Any] = Field(default_factory=dict)
+    #: the Gaussian blur (sigma, in output pixels) that, with binning by `scale` and an
+    #: affine intensity fit, maps a HIGH image onto its LOW image: fitted to the training
+    #: pairs, used by the trust check as the forward model
+    forward_psf_sigma_px: float = Field(0.0, ge=0)
+    loss: str = "l1+ssim"
+    #: an adversarial or perceptual loss sharpens by inventing detail: always stated
+    adversarial_loss: bool = False
+
+
 class ModelCard(BaseModel):
     """What a model is and how it was made (frozen; round-trips through JSON)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    task: Literal["denoise", "sr2", "interp"]
+    task: Literal["denoise", "sr2", "interp", "transfer"]
     version: str = "1"
     arch: str
     hparams: dict[str, Any] = Field(default_factory=dict)
@@ -65,6 +90,8 @@ class ModelCard(BaseModel):
     #: serialised deterministically, so graph and weights (`network_sha256`); written by
     #: `write_card_metadata`, None in cards written before dimscope recorded it
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    #: transfer models: the two modalities, the pairs and the forward model (None otherwise)
+    transfer: TransferProvenance | None = None
 
     def norm(self) -> PercentileNorm | VSTNorm:
         return from_dict(self.normalization)

@@ -8,7 +8,8 @@ runtime can rebuild the exact network from an ONNX file alone.
 - `restore`: the live default. Space-to-depth at the input so the whole body
   runs at half resolution, a small U-Net body (additive skips, pixel-shuffle
   upsampling), a head back to full (or ×2) sampling and a global residual.
-  `scale=1` is the denoiser, `scale=2` the ×2 super-resolver. With `window` K > 1
+  `scale=1` is the denoiser, `scale=2` the ×2 super-resolver (a cross-modality transfer
+  model uses the same body at scale 1, 2 or 4). With `window` K > 1
   the input holds K frames, oldest first (a causal window ending at the frame being
   restored: no added latency), and with `noise_map` one more channel holding the
   noise level of the variance-stabilised input, so one network serves 5 to 1000
@@ -37,13 +38,14 @@ class _Block(nn.Sequential):
 
 
 class RestoreNet(nn.Module):
-    """Denoiser (scale 1) or ×2 super-resolver (scale 2) working at half resolution."""
+    """Denoiser (scale 1), ×2 super-resolver (scale 2) or transfer model (1, 2, 4), working at
+    half the input's resolution."""
 
     def __init__(self, scale: int = 1, channels: int = 24, levels: int = 2, window: int = 1,
                  noise_map: bool = False) -> None:
         super().__init__()
-        if scale not in (1, 2):
-            raise ValueError(f"scale must be 1 or 2, got {scale}")
+        if scale not in (1, 2, 4):
+            raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
         self.scale, self.levels, self.window = scale, levels, window
         widths = [channels * 2**i for i in range(levels + 1)]
         self.stem = _Block(4 * (window + int(noise_map)), widths[0])
@@ -67,8 +69,8 @@ class RestoreNet(nn.Module):
         for i in reversed(range(self.levels)):
             h = self.fuse[i](self.up[i](h) + skips[i])
         newest = x[:, self.window - 1:self.window] if x.shape[1] > 1 else x
-        base = newest if self.scale == 1 else F.interpolate(newest, scale_factor=2.0,
-                                                            mode="bilinear", align_corners=False)
+        base = newest if self.scale == 1 else F.interpolate(
+            newest, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
         return base + self.head(h)
 
 

@@ -39,7 +39,7 @@ class BM4DOptions(EngineOptions):
 
 
 class ModelOptions(EngineOptions):
-    """`denoise`, `sr2`, `model`: a trained model file run by a runtime."""
+    """`denoise`, `sr2`, `transfer`, `model`: a trained model file run by a runtime."""
 
     model: str | None = Field(None, description="shipped model name or .onnx path")
     runtime: Runtime = "auto"
@@ -83,6 +83,7 @@ ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
     "bm4d": BM4DOptions,
     "denoise": ModelOptions,
     "sr2": ModelOptions,
+    "transfer": ModelOptions,
     "model": ModelOptions,
 }
 

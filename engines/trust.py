@@ -3,7 +3,10 @@
 Computed from physics, not from the network's opinion of itself. The raw frame is
 a noisy measurement of the truth through a known forward model (the camera's
 Poisson–Gaussian noise, var = alpha·x + beta; for ×2 super-resolution also the
-camera's 2×2 pixel binning). If the enhanced frame were the truth, the residual
+camera's 2×2 pixel binning; for a cross-modality transfer model first a Gaussian blur
+fitted to its training pairs — the raw optics are blurrier than the output — and a
+per-frame least-squares gain and offset, since the output is in the other modality's
+units, named in the score's `forward`). If the enhanced frame were the truth, the residual
 
     z = (raw − forward(enhanced)) / sqrt(var(forward(enhanced)))
 
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -78,6 +81,9 @@ class TrustScore:
     #: interpolated frames: share of pixels where the motion between the neighbours is not
     #: consistent (no measurement to check against there)
     flow_inconsistent: float | None = None
+    #: the forward model when it is more than identity or binning (transfer models: the
+    #: fitted blur and the intensity fit), so the header names the metric used
+    forward: str = ""
 
     def as_dict(self) -> dict[str, float | bool | str]:
         out: dict[str, float | bool | str] = {
@@ -86,6 +92,8 @@ class TrustScore:
             "threshold": round(self.threshold, 3), "alert": self.alert, "noise": self.noise}
         if self.flow_inconsistent is not None:
             out["flow_inconsistent"] = round(self.flow_inconsistent, 4)
+        if self.forward:
+            out["forward"] = self.forward
         return out
 
 
@@ -199,10 +207,15 @@ def _pool_abs_max(image: np.ndarray) -> np.ndarray:
     return np.where(high >= -low, high, low)
 
 
-def forward_model(enhanced: np.ndarray, scale: int) -> np.ndarray:
+def forward_model(enhanced: np.ndarray, scale: int, psf_sigma_px: float = 0.0) -> np.ndarray:
     """What the camera would record (its expectation) if `enhanced` were the truth: the same
-    frame for denoising, the `scale`×`scale` pixel binning for super-resolution."""
-    out = enhanced.astype(np.float32, copy=False)
+    frame for denoising, the `scale`×`scale` pixel binning for super-resolution, after a
+    Gaussian blur of `psf_sigma_px` (output pixels) for a transfer model, whose output is
+    sharper than the optics that recorded the raw frame."""
+    out: np.ndarray = enhanced.astype(np.float32, copy=False)
+    if psf_sigma_px > 0:
+        out = np.asarray(cv2.GaussianBlur(out, (0, 0), psf_sigma_px,
+                                          borderType=cv2.BORDER_REFLECT))
     if scale == 1:
         return out
     h, w = out.shape[0] // scale, out.shape[1] // scale
@@ -255,24 +268,37 @@ class TrustMeter:
         return TrustReport(score=score, map=zeros)
 
     def measure(self, raw: np.ndarray, enhanced: np.ndarray, scale: int = 1,
-                noise: NoiseModel | None = None) -> TrustReport:
-        """The trust report of `enhanced` (`scale` times the size of `raw`)."""
+                noise: NoiseModel | None = None, psf_sigma_px: float = 0.0,
+                fit_intensity: bool = False) -> TrustReport:
+        """The trust report of `enhanced` (`scale` times the size of `raw`). A transfer
+        model's output is first blurred by `psf_sigma_px` and, with `fit_intensity`, mapped
+        onto the raw frame's intensity units by a least-squares gain and offset."""
         if enhanced is raw:
             return self.unchanged(raw)
         if raw.ndim != 2:
             raise ValueError(f"trust maps need 2-D frames, got {raw.shape}")
         model = noise or self._noise_for(raw)
-        expected = forward_model(enhanced, scale)
+        expected = forward_model(enhanced, scale, psf_sigma_px)
         if expected.shape != raw.shape:
             raise ValueError(f"enhanced frame {enhanced.shape} at scale {scale} does not "
                              f"match raw frame {raw.shape}")
         finite = bool(np.isfinite(expected).all())
         if not finite:  # an engine that emits NaN/Inf: never consistent, and no NaN in JSON
             expected = np.nan_to_num(expected, nan=0.0, posinf=0.0, neginf=0.0)
+        forward = ""
+        if psf_sigma_px > 0 or fit_intensity:
+            forward = f"gaussian blur sigma {psf_sigma_px:.2f} px, {scale}x{scale} binning"
+        if fit_intensity:
+            gain, offset = _intensity_fit(expected, raw)
+            expected = np.asarray(cv2.addWeighted(expected, gain, expected, 0.0, offset))
+            forward += f", intensity fitted (gain {gain:.4g}, offset {offset:.4g})"
         variance = _floored_variance(model, expected)
         z = np.asarray(cv2.subtract(raw.astype(np.float32, copy=False), expected))
         z = np.asarray(cv2.divide(z, np.asarray(cv2.sqrt(variance))))
-        return self._report(z, model, finite=finite)
+        report = self._report(z, model, finite=finite)
+        if not forward:
+            return report
+        return TrustReport(score=replace(report.score, forward=forward), map=report.map)
 
     def _report(self, z: np.ndarray, model: NoiseModel, flow_inconsistent: float | None = None,
                 z_fields: np.ndarray | None = None, finite: bool = True) -> TrustReport:
@@ -311,6 +337,18 @@ class TrustMeter:
             alert=bool(abs(max_z) > threshold or spread_bad or not finite),
             noise=model.describe(), flow_inconsistent=flow_inconsistent)
         return TrustReport(score=score, map=np.ascontiguousarray(best, dtype=np.float32))
+
+
+def _intensity_fit(expected: np.ndarray, raw: np.ndarray) -> tuple[float, float]:
+    """Least-squares gain and offset taking `expected` onto `raw` (on a fixed sample of
+    pixels: the fit needs thousands, not millions)."""
+    x = _sample(expected).astype(np.float64)
+    y = _sample(raw.astype(np.float32, copy=False)).astype(np.float64)
+    var = float(np.var(x))
+    if var <= 0:
+        return 1.0, float(np.mean(y) - np.mean(x))
+    gain = float(np.mean((x - x.mean()) * (y - y.mean()))) / var
+    return gain, float(y.mean() - gain * x.mean())
 
 
 def _floored_variance(model: NoiseModel, expected: np.ndarray) -> np.ndarray:

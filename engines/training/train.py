@@ -1,4 +1,5 @@
-"""`dimscope train denoise|sr2`: crappify good images, train, export ONNX with a card.
+"""`dimscope train denoise|sr2|interp|transfer`: make training pairs, train, export ONNX
+with a card.
 
 Training pairs are made on the fly: a random crop of a good image (a folder of
 TIFFs, e.g. `../shared/data/singles/`, and/or the simulated microscope's
@@ -7,7 +8,9 @@ acquisition of it looks like. Input and target are both normalised with the
 *input's* percentiles — exactly what the runtime does — so the network learns
 to restore in the units the camera gives it. Checkpoints are written every
 `checkpoint_every` steps and training resumes from one; `init` starts from an
-existing model file (fine-tuning on one's own sample).
+existing model file (fine-tuning on one's own sample). `transfer` learns a second
+modality from registered and simulated two-instrument pairs instead (`transfer.py`), with
+an L1 + SSIM loss; its card records both modalities, the pairs and the forward model.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from ..evaluation.quality import fit_to, normalize_truth, psnr
 from ..model_file import ModelCard, open_model_card, resolve_model
 from ..nets import build_network, count_parameters, multiple_of
 from ..normalize import PercentileNorm, VSTNorm
+from ..pairs.simulate import TRAIN_CLASSES
 from .clips import tif_files
 from .crappify import make_crappifier
 from .export import export_onnx
+from .transfer import TransferSampler, ssim_loss
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,19 @@ class TrainSettings:
     # level in the network's units). 0 = plain MSE, which the noisiest samples dominate;
     # 2 = every photon level counts alike in PSNR terms.
     noise_weight: float = 0.0
+    # Cross-modality transfer (task "transfer", see transfer.py): `pairs register` output
+    # folders and the stack planes to train on ("0:10,25:45"), simulated pairs mixed in,
+    # the output scale (1, 2 or 4), the modalities' names and, for simulated pairs alone,
+    # the pixel sizes (LOW, HIGH) in um.
+    pairs: list[str] = field(default_factory=list)
+    planes: str | None = None
+    transfer_scale: int = 1
+    sim_classes: list[str] = field(default_factory=lambda: list(TRAIN_CLASSES))
+    low_modality: str = "widefield"
+    high_modality: str = "confocal"
+    pixel_um: tuple[float, float] | None = None
+    #: loss = L1 + ssim_weight · (1 − SSIM) (transfer); 0 = L1 alone
+    ssim_weight: float = 1.0
 
     @property
     def clips(self) -> bool:
@@ -80,6 +98,8 @@ class TrainSettings:
 
     @property
     def scale(self) -> int:
+        if self.task == "transfer":
+            return self.transfer_scale
         return 2 if self.task == "sr2" else 1
 
     @property
@@ -414,8 +434,11 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at step %d", checkpoint, step)
-    sampler: PairSampler | TripletSampler | ClipBatches
-    if settings.clips:
+    sampler: PairSampler | TripletSampler | ClipBatches | TransferSampler
+    if settings.task == "transfer":
+        sampler = TransferSampler(settings, rng)
+        val_pairs = sampler.validation()
+    elif settings.clips:
         sampler = ClipBatches(settings, rng)
     elif settings.task == "interp":
         sampler = TripletSampler(settings, rng)
@@ -440,6 +463,11 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
             per_sample = ((net(*inputs) - y) ** 2).mean(dim=(1, 2, 3))
             weight = inputs[0][:, -1, 0, 0] ** -settings.noise_weight
             loss = (per_sample * weight).sum() / weight.sum()
+        elif isinstance(sampler, TransferSampler):
+            restored = net(*inputs)
+            loss = F.l1_loss(restored, y)
+            if settings.ssim_weight > 0:
+                loss = loss + settings.ssim_weight * ssim_loss(restored, y)
         else:
             loss = F.l1_loss(net(*inputs), y)
         optimizer.zero_grad(set_to_none=True)
@@ -474,6 +502,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         version=settings.version, arch=settings.arch, hparams=hparams, scale=settings.scale,
         multiple=multiple, inputs=settings.frames_in, window=settings.window,
         normalization=(VSTNorm() if settings.vst else PercentileNorm()).as_dict(),
+        transfer=sampler.provenance() if isinstance(sampler, TransferSampler) else None,
         training={"command": " ".join(["dimscope", *sys.argv[1:]]) if sys.argv else "",
                   "settings": asdict(settings), "parameters": count_parameters(net),
                   "steps": step, "final_loss": running, "val_psnr": val_psnr,
