@@ -396,22 +396,32 @@ class SMLMSimulator:
         self._state = after
         return part
 
+    def _advance(self) -> FrameTruth:
+        """One frame of the kinetics: who emits, where (sample plane), how much."""
+        part = self._step_states()
+        ids = np.flatnonzero(part > 0)
+        drift = self.settings.drift.at([self._frame])[0]
+        xy = self.structure.labels_nm[ids]
+        truth = FrameTruth(self._frame, ids.astype(np.int64), xy[:, 0].copy(),
+                           xy[:, 1].copy(), self._brightness[ids] * part[ids],
+                           (float(drift[0]), float(drift[1])))
+        self._frame += 1
+        return truth
+
     def step(self) -> tuple[U16, FrameTruth]:
         """The next raw frame (ADU, uint16) and its ground truth."""
         s, cam = self.settings, self.settings.camera
-        part = self._step_states()
-        ids = np.flatnonzero(part > 0)
-        photons = self._brightness[ids] * part[ids]
-        drift = s.drift.at([self._frame])[0]
-        xy = self.structure.labels_nm[ids]
-        expected = stamp(s.shape, (xy[:, 0] + drift[0]) / cam.pixel_nm,
-                         (xy[:, 1] + drift[1]) / cam.pixel_nm, photons,
+        truth = self._advance()
+        dx, dy = truth.drift_nm
+        expected = stamp(s.shape, (truth.x_nm + dx) / cam.pixel_nm,
+                         (truth.y_nm + dy) / cam.pixel_nm, truth.photons,
                          s.psf_sigma_nm / cam.pixel_nm)
-        frame = self._camera(expected + s.background_photons)
-        truth = FrameTruth(self._frame, ids.astype(np.int64), xy[:, 0].copy(),
-                           xy[:, 1].copy(), photons, (float(drift[0]), float(drift[1])))
-        self._frame += 1
-        return frame, truth
+        return self._camera(expected + s.background_photons), truth
+
+    def truth_only(self, n: int) -> GroundTruth:
+        """`n` frames of ground truth without rendering camera frames (fast: for training
+        data made of localizations, or tests of what comes after the localizer)."""
+        return GroundTruth.from_frames([self._advance() for _ in range(n)])
 
     def _camera(self, expected_e: F64) -> U16:
         cam = self.settings.camera

@@ -183,8 +183,12 @@ def read_table(path: str | Path) -> TableRead:
             try:
                 batch, meta = reader.read_next_batch_with_custom_metadata()
             except StopIteration:
-                complete = True
-                valid = total
+                # Arrow also stops at a clean end of file without the marker (a writer
+                # killed between two blocks): only the marker says the writer closed
+                f.seek(valid)
+                complete = f.read(len(EOS)) == EOS
+                if complete:
+                    valid = total
                 break
             except (pa.ArrowInvalid, OSError):
                 break  # the block being written when the writer died
