@@ -139,6 +139,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     models = args.model or [args.task]
     try:
+        if args.task == "transfer":
+            from dimscope.engines.evaluation.transfer_eval import (
+                format_transfer,
+                run_eval_transfer,
+            )
+
+            results = run_eval_transfer(
+                models, photons=args.sim or (), pairs=args.pairs, planes=args.planes,
+                tune_planes=args.tune_planes, runtime=args.runtime,
+                n_test=args.limit or 8)
+            print(format_transfer(results))
+            if args.json:
+                _dump(results, args.json)
+                print(f"wrote {args.json}", file=sys.stderr)
+            return EXIT_OK
         if args.task == "interp":
             from dimscope.engines.evaluation.evaluate import read_stack, run_eval_interp
 
@@ -166,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_eval_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="PSNR/SSIM/NRMSE of models and classical baselines on "
                        "same-field low/high images")
-    e.add_argument("task", choices=["denoise", "sr2", "interp"])
+    e.add_argument("task", choices=["denoise", "sr2", "interp", "transfer"])
     e.add_argument("--low", type=Path, default=None, help="low-light image or stack")
     e.add_argument("--high", type=Path, default=None,
                    help="same-field ground truth (for sr2 at twice the sampling)")
@@ -174,6 +189,15 @@ def add_eval_parser(sub: Any) -> None:
                    help="interp: a real time-lapse (T, Y, X); frames are dropped and rebuilt")
     e.add_argument("--factor", type=int, choices=[2, 4], default=2,
                    help="interp: keep every FACTOR-th frame")
+    tr = e.add_argument_group("transfer: baselines (bicubic, Richardson-Lucy 2-D/3-D, "
+                              "BM3D+RL) tuned on a training split, scored on held-out data")
+    tr.add_argument("--sim", type=float, nargs="*", default=None, metavar="PHOTONS",
+                    help="simulated held-out structure classes at these photon levels")
+    tr.add_argument("--pairs", type=Path, default=None,
+                    help="a `dimscope pairs register` output folder (a stack pair)")
+    tr.add_argument("--planes", default=None, help="held-out planes scored, e.g. 15:20")
+    tr.add_argument("--tune-planes", default=None,
+                    help="planes the baselines are tuned on, e.g. 0:10,25:45")
     e.add_argument("--model", action="append", default=None,
                    help="model name or .onnx path (repeatable; default: the shipped TASK model)")
     e.add_argument("--runtime", default="auto", help="runtime for the models (default auto)")
