@@ -57,7 +57,7 @@ class LocalizerSettings(BaseModel):
     gain_adu_per_e: float = Field(1.0, gt=0, description="ADU per e⁻ (no sCMOS maps)")
     offset_adu: float = Field(0.0, description="camera offset, ADU (no sCMOS maps)")
     read_noise_e: float = Field(1.0, ge=0, description="rms read noise, e⁻ (no sCMOS maps)")
-    roisize: int = Field(9, ge=5, description="fit box, pixels (odd)")
+    roisize: int = Field(7, ge=5, description="fit box, pixels (odd); 7 measured best at σ 1.3 px")
     cutoff: float = Field(1.7, gt=0, description="detection: dynamic cutoff factor")
     pad_px: int | None = Field(None, ge=0, description="edge padding; None: roisize // 2")
     max_fit_distance_px: float | None = Field(
