@@ -23,7 +23,10 @@ width on multithreaded C++, CRLB per fit). What this module adds around the libr
   missing data (`edge_em_iterations`): the padded pixels of the box are replaced by the current
   fit's prediction (its PSF tail + background) and the box is fitted again with smappy's own
   fitter, until the fit stops moving (< 0.02 px) or `edge_em_iterations` — the padded pixels
-  then stop pulling the fit. Set it to 0 (or `pad_px=0`) for smappy's own behaviour at edges.
+  then stop pulling the fit (measured on simulated filaments with the default 10 refits:
+  median error/CRLB ≈ 1.0 at 100–200 nm from the edge, ≈ 2 at 50–100 nm, ≈ 3.5 within 50 nm;
+  it costs about a fifth of the live rate, see results/smlm.md). Set it to 0 (or `pad_px=0`)
+  for smappy's own behaviour at edges.
 - **coordinates**: smappy puts pixel centres at integers; `dimscope.smlm` puts pixel j's centre
   at (j + ½)·pixel (see `psf`), so ½ pixel is added.
 - **frame ranges and a flush clock for live use**: smappy fits when ~9,000 ROIs are buffered
