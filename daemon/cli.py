@@ -679,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_keys import add_security_parsers
     from .cli_models import add_eval_parser, add_models_parser, add_train_parser
     from .cli_pairs import add_pairs_parsers
+    from .cli_smlm import add_smlm_commands
     from .cli_view import add_view_parser
 
     add_train_parser(sub)
@@ -690,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_parsers(sub)  # keys, relay
     add_view_parser(sub)  # view (napari; the viewer extra)
     add_pairs_parsers(sub)  # pairs register, pairs apply
+    add_smlm_commands(sub)  # smlm simulate|localize|render|frc|drift|recover (smlm extra)
 
     rc = sub.add_parser("recover", help="rebuild OME-TIFF from a killed run's index")
     rc.add_argument("run_dir", type=Path)

@@ -1,4 +1,4 @@
-"""The rooms depend one way: `drivers` and `engines` never import `daemon`."""
+"""The rooms depend one way: `drivers`, `engines` and `smlm` never import `daemon`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ sys.exit(1 if bad else 0)
 """
 
 
-@pytest.mark.parametrize("package", ["drivers", "engines"])
+@pytest.mark.parametrize("package", ["drivers", "engines", "smlm"])
 def test_subpackage_never_imports_daemon(package: str) -> None:
     # Not at run time: every module of the package imported in a fresh interpreter...
     root = REPO / package

@@ -121,3 +121,21 @@ def test_bad_inputs_exit_2_with_a_clear_message(sim_dir: Path, tmp_path: Path,
     assert run("smlm", "localize", str(sim_dir / "raw.tif"), "--out",
                str(tmp_path / "t.parquet")) == 2
     assert run("smlm", "frc", str(bad)) == 2
+
+
+def test_the_dimscope_command_runs_smlm(sim_dir: Path, tmp_path: Path) -> None:
+    """The installed `dimscope` entry point has the smlm commands (wired in cli.py)."""
+    import subprocess
+    import sys
+
+    table = tmp_path / "t.arrows"
+    done = subprocess.run([sys.executable, "-m", "dimscope.daemon.cli", "smlm", "localize",
+                           str(sim_dir / "raw.tif"), "--out", str(table)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert read_table(table).complete and len(read_table(table).table) > 100
+    missing = subprocess.run([sys.executable, "-m", "dimscope.daemon.cli", "smlm", "frc",
+                              str(tmp_path / "absent.csv")], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and "absent.csv" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -57,6 +57,10 @@ class SimulatedPair:
     high_clean: np.ndarray
     #: LOW's expected signal in ADU (what the camera averages to)
     low_expected: np.ndarray
+    #: HIGH's noise-free image in LOW's relative units (LOW = this blurred and binned, plus
+    #: background): the optics conserve the light, so a thin structure's peak is higher in
+    #: HIGH than in LOW — the consistent training target
+    high_in_low_units: np.ndarray
     #: ADU per photo-electron, offset (ADU), read noise (e-), photons at the brightest structure
     gain: float
     offset: float
@@ -204,8 +208,10 @@ def render_pair(truth: np.ndarray, optics: PairOptics, rng: np.random.Generator,
         raise ValueError(f"specimen {truth.shape} is not a multiple of scale {s}")
     high_clean = gaussian_filter(truth.astype(np.float32), optics.high_psf_sigma_px)
     high_clean /= max(float(high_clean.max()), 1e-6)
-    low_rel = bin_mean(gaussian_filter(high_clean, optics.relative_sigma_px), s)
-    low_rel = low_rel / max(float(low_rel.max()), 1e-6) + np.float32(optics.low_background)
+    low_signal = bin_mean(gaussian_filter(high_clean, optics.relative_sigma_px), s)
+    # `photons` is set at LOW's brightest structure; the same factor carries HIGH over.
+    to_low = np.float32(1.0 / max(float(low_signal.max()), 1e-6))
+    low_rel = low_signal * to_low + np.float32(optics.low_background)
     low_expected = (low_rel * np.float32(photons * gain) + np.float32(offset)).astype(np.float32)
     electrons = rng.poisson(low_rel * photons).astype(np.float32)
     electrons += rng.normal(0.0, read_noise_e, electrons.shape).astype(np.float32)
@@ -214,5 +220,6 @@ def render_pair(truth: np.ndarray, optics: PairOptics, rng: np.random.Generator,
     if high_photons is not None:
         high = (rng.poisson(high_clean * high_photons) / high_photons).astype(np.float32)
     return SimulatedPair(low=low, high=high, high_clean=high_clean,
+                         high_in_low_units=high_clean * to_low,
                          low_expected=low_expected, gain=gain, offset=offset,
                          read_noise_e=read_noise_e, photons=photons)

@@ -144,9 +144,9 @@ class TransferSampler:
             kind = self.classes[int(self.rng.integers(len(self.classes)))]
             truth = density(kind, self.rng, (size, size), self.images)
             pair = render_pair(truth, self.optics, self.rng, self._photons())
-            # HIGH in LOW's ADU (no background: the confocal rejects it)
-            target = pair.high_clean * np.float32(pair.photons * pair.gain) + np.float32(
-                pair.offset)
+            # HIGH in LOW's ADU, light conserved (no background: the confocal rejects it)
+            target = pair.high_in_low_units * np.float32(pair.photons * pair.gain) + \
+                np.float32(pair.offset)
             return pair.low, target
         low, high = self.real.crop(self.rng, size)
         low = bin_mean(low, self.scale)
