@@ -79,10 +79,9 @@ def registered_split(folder: Path, test_planes: Sequence[int], tune_planes: Sequ
     low = np.asarray(tifffile.imread(folder / "low" / f"{pair_name}.tif"), np.float32)
     high = np.asarray(tifffile.imread(folder / "high" / f"{pair_name}.tif"), np.float32)
     mask = np.asarray(tifffile.imread(folder / "mask" / f"{pair_name}.tif")) > 0
-    rows, cols = np.flatnonzero(mask.all(axis=1)), np.flatnonzero(mask.all(axis=0))
-    if rows.size < 32 or cols.size < 32:
+    box = inner_box(mask)
+    if box[0].stop - box[0].start < 32 or box[1].stop - box[1].start < 32:
         raise ValueError(f"{folder}: the overlap of {pair_name} has no 32x32 block inside it")
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     low, high = low[(slice(None), *box)], high[(slice(None), *box)]
     if low.ndim == 2:
         raise ValueError(f"{pair_name} is a single image: split by plane needs a stack")
@@ -93,6 +92,31 @@ def registered_split(folder: Path, test_planes: Sequence[int], tune_planes: Sequ
                                                             for z in test_planes],
                  [f"{pair_name}/z{z}" for z in test_planes], stack=(low, high),
                  test_planes=tuple(test_planes), tune_planes=tuple(tune_planes))
+
+
+def inner_box(mask: np.ndarray) -> tuple[slice, slice]:
+    """A large axis-aligned box wholly inside `mask`: the mask's bounding box, shrunk one
+    pixel at a time on the side with the most pixels outside the mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return slice(0, 0), slice(0, 0)
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    while y1 > y0 and x1 > x0:
+        box = ~mask[y0:y1, x0:x1]
+        if not box.any():
+            break
+        sides = {"top": box[0].sum(), "bottom": box[-1].sum(), "left": box[:, 0].sum(),
+                 "right": box[:, -1].sum()}
+        worst = max(sides, key=lambda k: sides[k])
+        if worst == "top":
+            y0 += 1
+        elif worst == "bottom":
+            y1 -= 1
+        elif worst == "left":
+            x0 += 1
+        else:
+            x1 -= 1
+    return slice(y0, y1), slice(x0, x1)
 
 
 def _summary(per_image: list[dict[str, float]], names: list[str]) -> dict[str, Any]:
