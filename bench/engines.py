@@ -113,7 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--models", nargs="*", default=["denoise", "sr2", "interp"])
+    ap.add_argument("--models", nargs="*", default=["denoise", "sr2", "interp", "transfer"])
     ap.add_argument("--precision", default="auto", help="fp32, bf16 (where the CPU has it)")
     args = ap.parse_args()
     threads = len(os.sched_getaffinity(0))
