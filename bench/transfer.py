@@ -3,8 +3,8 @@
 1. **Simulated pairs, held-out structure classes** (engines/pairs/simulate.py): widefield-
    like LOW (PSF sigma 2.0 px, 5 % background, Poisson + read noise at 20 and 100
    photons at the brightest structure) and the noise-free confocal-like truth (sigma
-   0.8 px). The model was trained on filaments, puncta, nuclei and real images as
-   densities; it is scored on rings (nuclear-pore-like) and mitochondria only. The
+   0.8 px). The model was trained on other structure classes (its card lists them);
+   it is scored on rings (nuclear-pore-like) and mitochondria only. The
    baselines — bicubic (the raw LOW at scale 1), Richardson–Lucy, BM3D then RL — are
    tuned (PSF sigma, iterations, BM3D sigma) on pairs of the *training* classes at the
    same photon level. Everything is fitted affinely to the truth before PSNR and SSIM.
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import binary_dilation
 
 from dimscope.engines import CameraCalibration, make_engine
 from dimscope.engines.evaluation.transfer_eval import (
@@ -87,6 +88,17 @@ def _structure(shape: tuple[int, int], kind: str, rng: np.random.Generator
     return np.exp(-across**2 / (2 * 0.8**2)) * (np.abs(along) <= 16), (cy, cx)
 
 
+def _footprint_on_map(structure: np.ndarray, map_shape: tuple[int, ...]) -> np.ndarray:
+    """Where a structure lies on the half-resolution trust map: any of each 2×2 block's
+    pixels above 0.3 of its peak (sampling every other pixel would miss a PSF-sized punctum
+    centred on an odd pixel)."""
+    h, w = map_shape[0], map_shape[1]
+    padded = np.zeros((2 * h, 2 * w), bool)
+    inside = structure > 0.3
+    padded[: inside.shape[0], : inside.shape[1]] = inside
+    return padded.reshape(h, 2, w, 2).any(axis=(1, 3))
+
+
 def trust(model: str, draws: int) -> dict:
     """False alarms on honest outputs; detection of painted/erased structures."""
     from dimscope.engines.trust import _intensity_fit
@@ -120,10 +132,7 @@ def trust(model: str, draws: int) -> dict:
                             fake = out + np.float32(sign * amp) * shape_
                             r = meter.measure(low, fake, noise=noise, psf_sigma_px=sigma,
                                               fit_intensity=True)
-                            half = shape_[::2, ::2] > 0.3
-                            from scipy.ndimage import binary_dilation
-
-                            near = binary_dilation(half[: r.map.shape[0], : r.map.shape[1]],
+                            near = binary_dilation(_footprint_on_map(shape_, r.map.shape),
                                                    iterations=3)
                             hit = r.score.alert and bool(
                                 np.any(np.abs(r.map[near]) >= r.score.threshold))

@@ -97,8 +97,10 @@ def add_train_parser(sub: Any) -> None:
     tr.add_argument("--scale", type=int, choices=[1, 2, 4], default=1,
                     help="HIGH's sampling relative to LOW's")
     tr.add_argument("--sim-classes", nargs="*", default=None,
-                    help="structure classes of the simulated pairs mixed in (default: "
-                         "filaments puncta nuclei images; `images` uses --data as densities)")
+                    help="structure classes of the simulated pairs mixed in, a class "
+                         "listed twice drawn twice as often (default: "
+                         "filaments puncta nuclei shapes images; `images` uses --data as "
+                         "densities)")
     tr.add_argument("--modalities", nargs=2, default=("widefield", "confocal"),
                     metavar=("LOW", "HIGH"), help="the two modalities' names for the card")
     tr.add_argument("--pixel-size", type=float, nargs=2, default=None,
