@@ -45,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         pairs=[str(p) for p in args.pairs], planes=args.planes, transfer_scale=args.scale,
         low_modality=args.modalities[0], high_modality=args.modalities[1],
         pixel_um=(args.pixel_size[0], args.pixel_size[1]) if args.pixel_size else None,
-        ssim_weight=args.ssim_weight,
+        ssim_weight=args.ssim_weight, guide=args.guide, pool=args.pool,
+        pool_files=[str(f) for f in args.pool_files],
         **({"sim_classes": args.sim_classes} if args.sim_classes else {}))
     if args.task == "transfer" and not args.pairs and not args.sim_fraction:
         print("dimscope: train transfer needs --pairs (registered pair folders) or a "
@@ -89,6 +90,16 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--noise-weight", type=float, default=0.0,
                    help="noise-aware clips: weight each sample's MSE by sigma^-W (0: plain "
                         "MSE, dominated by the darkest samples; 2: every photon level alike)")
+    gd = t.add_argument_group("guided denoise (offline quality models that refine a "
+                              "classical estimate)")
+    gd.add_argument("--guide", choices=["bm3d", "bm4d"], default=None,
+                    help="refine BM3D+VST of the newest frame (--window 1) or BM4D+VST over "
+                         "the window (implies --vst)")
+    gd.add_argument("--pool", type=int, default=1200,
+                    help="training samples to make (each needs one BM3D/BM4D run; saved "
+                         "beside the model as OUT.pool.npz and reused)")
+    gd.add_argument("--pool-files", type=Path, nargs="*", default=[],
+                    help="train from these saved pools instead of making one")
     tr = t.add_argument_group("transfer (cross-modality, from two-instrument pairs)")
     tr.add_argument("--pairs", type=Path, nargs="*", default=[],
                     help="`dimscope pairs register` output folders")

@@ -11,8 +11,9 @@ closed-form unbiased inverse (Mäkitalo & Foi) — the standard "BM3D+VST".
   the temporal network sees, so the comparison is fair.
 
 Far too slow to be live tiers on a CPU; they are the references of
-`dimscope eval`, `dimscope enhance` and `bench/generalization.py`. Both need
-the `eval` extra.
+`dimscope eval`, `dimscope enhance` and `bench/generalization.py`, and
+`classical_estimate` is the guide the offline quality models refine
+(`ModelCard.guide`). Both need the `eval` extra.
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ def _require(module: str) -> Any:
                           "pip install 'dimscope[eval]'") from None
 
 
+def classical_estimate(library: Any, stable: np.ndarray) -> np.ndarray:
+    """The newest frame of a (K, H, W) window of variance-stabilised frames (unit noise),
+    denoised by BM3D (K = 1) or by BM4D over the window as a volume; an estimate of
+    E[gat(x)] (map back with `NoiseModel.inverse_gat_unbiased`)."""
+    if len(stable) == 1:
+        return np.asarray(library.bm3d(stable[0], sigma_psd=1.0), dtype=np.float32)
+    volume = np.moveaxis(stable, 0, -1)
+    return np.asarray(library.bm4d(volume, sigma_psd=1.0)[..., -1], dtype=np.float32)
+
+
+def classical_library(window: int) -> Any:
+    """The `bm3d` (window 1) or `bm4d` package; EngineError naming the extra if absent."""
+    return _require("bm3d" if window == 1 else "bm4d")
+
+
 class BM3DEngine:
     """BM3D+VST, frame by frame (`window` = 1) or BM4D+VST over a causal window."""
 
@@ -47,7 +63,7 @@ class BM3DEngine:
         if window < 1:
             raise EngineError(f"window must be >= 1, got {window}")
         self.window = window
-        self.library = _require("bm3d" if window == 1 else "bm4d")
+        self.library = classical_library(window)
         self.recent: deque[np.ndarray] = deque(maxlen=max(window, 4))
         self.noise = CameraNoise(CameraCalibration(measured=False))
         self.info = self._info()
@@ -76,15 +92,10 @@ class BM3DEngine:
         self.recent.append(pixels.astype(np.float32))
         noise = self.noise.update(list(self.recent))
         self.info = self._info()
-        if self.window == 1:
-            stable = noise.gat(self.recent[-1])
-            out = self.library.bm3d(stable, sigma_psd=1.0)
-        else:
-            frames = list(self.recent)[-self.window:]
-            frames = [frames[0]] * (self.window - len(frames)) + frames
-            volume = np.stack([noise.gat(f) for f in frames], axis=-1)
-            out = self.library.bm4d(volume, sigma_psd=1.0)[..., -1]
-        return noise.inverse_gat_unbiased(np.asarray(out, dtype=np.float32))
+        frames = list(self.recent)[-self.window:]
+        frames = [frames[0]] * (self.window - len(frames)) + frames
+        stable = noise.gat(np.stack(frames))
+        return noise.inverse_gat_unbiased(classical_estimate(self.library, stable))
 
     def close(self) -> None:
         pass

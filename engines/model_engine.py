@@ -20,6 +20,11 @@ same architecture for the shape and runtime in service, touching nothing in serv
 window and the noise model; `info.version` becomes the new card's, so every later
 frame's header names it.
 
+A guided model (the offline quality models: `card.guide`) refines a classical
+estimate: the engine runs BM3D+VST on the newest frame (or BM4D+VST over the same
+causal window) with the same noise model and passes it as one more input channel.
+Seconds per frame, so for `enhance` and evaluation, not a live tier.
+
 A transfer model's card carries its forward model (the blur fitted to its training
 pairs); `info` passes it on, with the note that its output is in another modality's
 intensity units, so the trust check compares like with like.
@@ -45,6 +50,7 @@ import numpy as np
 
 from . import normalize
 from .base import CameraCalibration, EngineError, EngineInfo
+from .bm3d_engine import classical_estimate, classical_library
 from .model_file import ModelCard, open_model_card, resolve_model
 from .noise_model import CameraNoise
 from .normalize import VSTNorm
@@ -95,6 +101,10 @@ class ModelEngine:
         #: SHA-256 of the network in service, and whether every model served matched its card
         self.model_sha256, self.verified = opened.sha256, opened.verified
         self.norm = self.card.norm()
+        if self.card.guide is not None and not isinstance(self.norm, VSTNorm):
+            raise EngineError(f"model {self.path.name}: a guided model needs the 'vst' "
+                              "normalisation (its guide is a BM3D/BM4D+VST estimate)")
+        self.guide_library: Any = None
         if self.card.inputs != 1:
             raise EngineError(f"model {self.path.name} is a {self.card.inputs}-frame "
                               f"{self.card.task} model, not a frame-by-frame enhancer")
@@ -135,7 +145,13 @@ class ModelEngine:
                                     self.precision_request, shape=self._runtime_shape)
         self.recent.clear()
         self.noise = CameraNoise(calibration) if isinstance(self.norm, VSTNorm) else None
+        if self.card.guide is not None:
+            self.guide_library = classical_library(self._guide_window)
         self._set_info()
+
+    @property
+    def _guide_window(self) -> int:
+        return 1 if self.card.guide == "bm3d" else self.window
 
     def _set_info(self) -> None:
         noise = self.noise.model.describe() if self.noise and self.noise.model else ""
@@ -164,7 +180,7 @@ class ModelEngine:
         opened = open_model_card(path)
         card = opened.card
         same = ("task", "arch", "hparams", "scale", "multiple", "inputs", "window",
-                "normalization")
+                "normalization", "guide")
         differ = [k for k in same if getattr(card, k) != getattr(self.card, k)]
         if differ:
             raise EngineError(f"model {path.name} cannot replace {self.path.name}: its "
@@ -200,6 +216,13 @@ class ModelEngine:
         """Forget the temporal context (a new position, a new sample)."""
         self.recent.clear()
 
+    def observe(self, pixels: np.ndarray) -> None:
+        """Add a frame to the temporal context without restoring it (a frame whose output
+        nobody needs, e.g. the frames before the first one evaluated)."""
+        if self.recent and self.recent[-1].shape != pixels.shape:
+            self.recent.clear()
+        self.recent.append(pixels.astype(np.float32))
+
     def process(self, pixels: np.ndarray) -> np.ndarray:
         if self.runtime is None:
             raise EngineError("prepare() must run before process()")
@@ -213,16 +236,19 @@ class ModelEngine:
 
     def _process_vst(self, norm: VSTNorm, pixels: np.ndarray) -> np.ndarray:
         assert self.runtime is not None and self.noise is not None
-        if self.recent and self.recent[-1].shape != pixels.shape:
-            self.recent.clear()
-        self.recent.append(pixels.astype(np.float32))
+        self.observe(pixels)
         before = self.noise.model
         noise = self.noise.update(list(self.recent))
         if noise is not before:
             self._set_info()
         frames = list(self.recent)
         frames = [frames[0]] * (self.window - len(frames)) + frames
-        x, lo, span = norm.inputs(np.stack(frames), noise)
+        window = np.stack(frames)
+        guide = None
+        if self.guide_library is not None:
+            stable = noise.gat(window[-self._guide_window:])
+            guide = noise.inverse_gat_unbiased(classical_estimate(self.guide_library, stable))
+        x, lo, span = norm.inputs(window, noise, guide)
         y = run_tiled(x, self.runtime.run, tile=self.tile, halo=self.halo, scale=self.scale,
                       multiple=self.card.multiple)
         return norm.invert(y, noise, lo, span)

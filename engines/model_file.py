@@ -92,14 +92,19 @@ class ModelCard(BaseModel):
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     #: transfer models: the two modalities, the pairs and the forward model (None otherwise)
     transfer: TransferProvenance | None = None
+    #: guided (offline quality) models: the classical estimate the network refines, one
+    #: more input channel (BM3D+VST of the newest frame, or BM4D+VST over the window)
+    guide: Literal["bm3d", "bm4d"] | None = None
 
     def norm(self) -> PercentileNorm | VSTNorm:
         return from_dict(self.normalization)
 
     @property
     def channels(self) -> int:
-        """Channels of the (first) model input: the window, plus the noise map with VST."""
-        return self.window + int(self.normalization.get("kind") == "vst")
+        """Channels of the (first) model input: the window, the guide if any, plus the
+        noise map with VST."""
+        return (self.window + int(self.guide is not None)
+                + int(self.normalization.get("kind") == "vst"))
 
 
 def shipped_models() -> list[str]:

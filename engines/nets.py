@@ -13,7 +13,10 @@ runtime can rebuild the exact network from an ONNX file alone.
   the input holds K frames, oldest first (a causal window ending at the frame being
   restored: no added latency), and with `noise_map` one more channel holding the
   noise level of the variance-stabilised input, so one network serves 5 to 1000
-  photons; the residual is added to the newest frame.
+  photons; the residual is added to the newest frame. With `guided` one more channel
+  (after the frames) holds a classical estimate of the newest frame (BM3D/BM4D+VST,
+  the offline quality models) and the residual is added to it instead: the network
+  learns what the classical method gets wrong.
 - `care_unet`: the CARE-style reference U-Net (full resolution, concatenated
   skips, max-pool / upsample) used only to report what the live model gives up.
 """
@@ -42,13 +45,15 @@ class RestoreNet(nn.Module):
     half the input's resolution."""
 
     def __init__(self, scale: int = 1, channels: int = 24, levels: int = 2, window: int = 1,
-                 noise_map: bool = False) -> None:
+                 noise_map: bool = False, guided: bool = False) -> None:
         super().__init__()
         if scale not in (1, 2, 4):
             raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
         self.scale, self.levels, self.window = scale, levels, window
+        #: the channel the residual is added to: the newest frame, or the classical estimate
+        self.base_channel = window if guided else window - 1
         widths = [channels * 2**i for i in range(levels + 1)]
-        self.stem = _Block(4 * (window + int(noise_map)), widths[0])
+        self.stem = _Block(4 * (window + int(guided) + int(noise_map)), widths[0])
         self.down = nn.ModuleList(_Block(widths[i], widths[i + 1], stride=2)
                                   for i in range(levels))
         self.up = nn.ModuleList(
@@ -68,7 +73,7 @@ class RestoreNet(nn.Module):
         skips.pop()
         for i in reversed(range(self.levels)):
             h = self.fuse[i](self.up[i](h) + skips[i])
-        newest = x[:, self.window - 1:self.window] if x.shape[1] > 1 else x
+        newest = x[:, self.base_channel:self.base_channel + 1] if x.shape[1] > 1 else x
         base = newest if self.scale == 1 else F.interpolate(
             newest, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
         return base + self.head(h)

@@ -75,21 +75,28 @@ class VSTNorm:
     transformed values. The noise level in those units, 1/span, is passed as one
     more constant input channel: at 5 photons it is about 0.3, at 1000 about
     0.02. The network outputs the transformed clean newest frame in the same
-    units; `invert` maps it back through the algebraic inverse to ADU.
+    units; `invert` maps it back through the algebraic inverse to ADU. A guided
+    model also gets a classical estimate of the newest frame (`guide`, in ADU) in
+    the target's units, as one more channel between the frames and the noise map.
     """
 
     low: float = 1.0
     high: float = 99.8
     stride: int = 4
 
-    def inputs(self, window: np.ndarray, noise: NoiseModel) -> tuple[np.ndarray, float, float]:
-        """(K+1, H, W) network input for a (K, H, W) window; with its (lo, span)."""
+    def inputs(self, window: np.ndarray, noise: NoiseModel, guide: np.ndarray | None = None
+               ) -> tuple[np.ndarray, float, float]:
+        """(K+1, H, W) network input for a (K, H, W) window (K+2 with a guide); with its
+        (lo, span)."""
         f = noise.gat(window)
         lo, hi = np.percentile(f[-1, :: self.stride, :: self.stride], [self.low, self.high])
         lo, span = float(lo), max(float(hi - lo), 1.0)  # at least one noise s.d. of range
-        out = np.empty((f.shape[0] + 1, *f.shape[1:]), np.float32)
-        np.subtract(f, np.float32(lo), out=out[:-1])
-        out[:-1] *= np.float32(1.0 / span)
+        k = f.shape[0]
+        out = np.empty((k + 1 + int(guide is not None), *f.shape[1:]), np.float32)
+        np.subtract(f, np.float32(lo), out=out[:k])
+        out[:k] *= np.float32(1.0 / span)
+        if guide is not None:
+            out[k] = self.target(guide, noise, lo, span)
         out[-1] = np.float32(1.0 / span)
         return out, lo, span
 

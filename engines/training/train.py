@@ -37,6 +37,7 @@ from ..pairs.simulate import TRAIN_CLASSES
 from .clips import tif_files
 from .crappify import make_crappifier
 from .export import export_onnx
+from .guided import Guide, GuidedBatches, build_pool, intensity_weights, load_pools, save_pool
 from .transfer import TransferSampler, ssim_loss
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ class TrainSettings:
     pixel_um: tuple[float, float] | None = None
     #: loss = L1 + ssim_weight · (1 − SSIM) (transfer); 0 = L1 alone
     ssim_weight: float = 1.0
+    # Guided denoisers (guided.py): the network refines this classical estimate ("bm3d" on
+    # the newest frame, window 1; "bm4d" over the window), trained from a fixed pool of
+    # `pool` samples made from the data (saved beside the model) or from `pool_files`.
+    guide: Guide | None = None
+    pool: int = 1200
+    pool_files: list[str] = field(default_factory=list)
 
     @property
     def clips(self) -> bool:
@@ -220,6 +227,34 @@ def validate_clips(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndar
         values += list(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))
     net.train()
     return float(np.mean(values))
+
+
+def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator
+                   ) -> GuidedBatches:
+    """The guided pool: loaded from `pool_files`, or made from the data and saved beside
+    the model (`<out>.pool.npz`) so a rerun or a fold of the same data reuses it."""
+    from .clips import ClipSampler, movie_channels
+
+    guide = settings.guide
+    assert guide is not None
+    if settings.pool_files:
+        inputs, targets = load_pools([Path(p) for p in settings.pool_files], guide,
+                                     settings.window)
+    else:
+        saved = out.with_suffix(".pool.npz")
+        if saved.is_file():
+            inputs, targets = load_pools([saved], guide, settings.window)
+        else:
+            movies = [m for f in tif_files(settings.movies) for m in movie_channels(f)]
+            clips = ClipSampler(settings.window, settings.patch, 1,
+                                collect_images(settings.data), movies, rng,
+                                sim_fraction=settings.sim_fraction)
+            log.info("making %d %s-guided samples (seconds each)", settings.pool, guide)
+            inputs, targets = build_pool(clips, settings.pool, guide, rng)
+            save_pool(saved, inputs, targets, guide, settings.window,
+                      " ".join(settings.data + settings.movies) or "simulated")
+    order = rng.permutation(len(inputs))
+    return GuidedBatches(inputs[order], targets[order], settings.batch, rng)
 
 
 def collect_stacks(sources: list[str]) -> list[np.ndarray]:
@@ -415,6 +450,13 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     hparams = {**DEFAULT_HPARAMS.get(settings.arch, {}), **settings.hparams}
     if settings.arch != "interp":
         hparams["scale"] = settings.scale
+    if settings.guide is not None:
+        if settings.guide not in ("bm3d", "bm4d") or settings.task != "denoise":
+            raise ValueError(f"--guide takes bm3d or bm4d for denoise, got {settings.guide!r}")
+        if (settings.guide == "bm3d") != (settings.window == 1):
+            raise ValueError("a bm3d guide takes --window 1; a bm4d guide a window of 2+")
+        settings.vst = True
+        hparams["guided"] = True
     if settings.clips:
         hparams.update(window=settings.window, noise_map=settings.vst)
     settings.hparams = hparams
@@ -434,8 +476,10 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at step %d", checkpoint, step)
-    sampler: PairSampler | TripletSampler | ClipBatches | TransferSampler
-    if settings.task == "transfer":
+    sampler: PairSampler | TripletSampler | ClipBatches | TransferSampler | GuidedBatches
+    if settings.guide is not None:
+        sampler = guided_batches(settings, out, rng)
+    elif settings.task == "transfer":
         sampler = TransferSampler(settings, rng)
         val_pairs = sampler.validation()
     elif settings.clips:
@@ -459,7 +503,10 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         inputs, y = sampler.batch()
         # Noise-aware clips: MSE (what PSNR measures; L1 learned the low-light cases far more
         # slowly in a 300-step comparison here: 24.3 vs 26.4 dB on held-out clips).
-        if isinstance(sampler, ClipBatches):
+        if isinstance(sampler, GuidedBatches):
+            weight = intensity_weights(inputs[0], y)
+            loss = (weight * (net(*inputs) - y) ** 2).mean()
+        elif isinstance(sampler, ClipBatches):
             per_sample = ((net(*inputs) - y) ** 2).mean(dim=(1, 2, 3))
             weight = inputs[0][:, -1, 0, 0] ** -settings.noise_weight
             loss = (per_sample * weight).sum() / weight.sum()
@@ -478,7 +525,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         value = loss.item()
         running = 0.9 * running + 0.1 * value if step > 1 else value
         if step % settings.val_every == 0 or step == last:
-            if isinstance(sampler, ClipBatches):
+            if isinstance(sampler, (ClipBatches, GuidedBatches)):
                 val_psnr = validate_clips(net, sampler.validation, multiple)
             elif settings.task == "interp":
                 val_psnr = validate_interp(net, val_triplets)
@@ -503,6 +550,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         multiple=multiple, inputs=settings.frames_in, window=settings.window,
         normalization=(VSTNorm() if settings.vst else PercentileNorm()).as_dict(),
         transfer=sampler.provenance() if isinstance(sampler, TransferSampler) else None,
+        guide=settings.guide,
         training={"command": " ".join(["dimscope", *sys.argv[1:]]) if sys.argv else "",
                   "settings": asdict(settings), "parameters": count_parameters(net),
                   "steps": step, "final_loss": running, "val_psnr": val_psnr,

@@ -1,0 +1,130 @@
+"""Guided denoisers (offline quality models): a network that refines BM3D/BM4D+VST.
+
+The guide is computed by the engine with the same noise model the network sees; a
+network whose residual is zero must give back exactly the classical estimate, so
+these tests pin the plumbing (channel order, units, the causal window) to the
+classical engines' own output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dimscope.engines import CameraCalibration, EngineError, make_engine
+from dimscope.engines.model_file import ModelCard, read_card
+from dimscope.engines.nets import RestoreNet, build_network
+from dimscope.engines.normalize import VSTNorm
+from dimscope.engines.training.export import export_onnx
+from dimscope.engines.training.guided import intensity_weights, load_pools, save_pool
+
+from .procs import CLI
+
+pytest.importorskip("bm3d")
+pytest.importorskip("bm4d")
+
+CAM = CameraCalibration(gain_adu_per_e=1.1, offset_adu=300.0, read_noise_e=1.6)
+
+
+def scene(t: int, side: int = 48) -> np.ndarray:
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    im = np.zeros((side, side), np.float32)
+    for k in range(6):
+        cy, cx = 8 + 6 * k + 0.7 * t, 6 + 7 * k % (side - 12)
+        im += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (1.2 + k % 3) ** 2))
+    im[side // 2, :] += 0.6  # a filament
+    return im / im.max()
+
+
+def frames(n: int, photons: float = 30.0, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(n):
+        e = rng.poisson(photons * scene(t)) + rng.normal(0, CAM.read_noise_e, (48, 48))
+        out.append(np.round(CAM.offset_adu + CAM.gain_adu_per_e * e).astype(np.float32))
+    return out
+
+
+def zero_residual_model(path: Path, guide: str, window: int) -> Path:
+    hp = {"channels": 4, "levels": 1, "scale": 1, "window": window, "noise_map": True,
+          "guided": True}
+    net = build_network("restore", **hp)
+    assert isinstance(net, RestoreNet)
+    with torch.no_grad():
+        for p in net.head.parameters():
+            p.zero_()
+    card = ModelCard(name="hq", task="denoise", arch="restore", hparams=hp, multiple=4,
+                     window=window, normalization=VSTNorm().as_dict(),
+                     guide=guide)  # type: ignore[arg-type]
+    return export_onnx(net, card, path)
+
+
+@pytest.mark.parametrize(("guide", "window"), [("bm3d", 1), ("bm4d", 3)])
+def test_a_zero_residual_gives_back_the_classical_estimate(tmp_path: Path, guide: str,
+                                                           window: int) -> None:
+    model = zero_residual_model(tmp_path / "hq.onnx", guide, window)
+    assert read_card(model).channels == window + 2  # frames, guide, noise level
+    engine = make_engine("model", model=str(model), runtime="openvino")
+    classical = make_engine("bm3d" if guide == "bm3d" else "bm4d",
+                            **({} if guide == "bm3d" else {"window": window}))
+    for e in (engine, classical):
+        e.prepare((48, 48), np.dtype(np.float32), CAM)
+    stack = frames(4)
+    for f in stack:  # every frame, so the causal windows (padded at the start) must agree
+        out, reference = engine.process(f), classical.process(f)
+        assert np.allclose(out, reference, rtol=1e-3, atol=0.05)
+    # ...and the model is not the classical method: the residual moves the output.
+    assert float(np.abs(out - stack[-1]).mean()) > 1.0
+
+
+def test_a_guided_model_needs_the_noise_aware_normalisation(tmp_path: Path) -> None:
+    hp = {"channels": 4, "levels": 1, "scale": 1, "window": 1, "noise_map": False,
+          "guided": True}
+    card = ModelCard(name="bad", task="denoise", arch="restore", hparams=hp, multiple=4,
+                     guide="bm3d")
+    path = export_onnx(build_network("restore", **hp), card, tmp_path / "bad.onnx")
+    with pytest.raises(EngineError, match="needs the 'vst' normalisation"):
+        make_engine("model", model=str(path))
+
+
+def test_pools_refuse_another_models_samples(tmp_path: Path) -> None:
+    x, y = np.zeros((2, 3, 8, 8), np.float32), np.zeros((2, 1, 8, 8), np.float32)
+    save_pool(tmp_path / "a.npz", x, y, "bm3d", 1, "test")
+    inputs, _ = load_pools([tmp_path / "a.npz"] * 2, "bm3d", 1)
+    assert inputs.shape == (4, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"a\.npz holds bm3d samples with window 1"):
+        load_pools([tmp_path / "a.npz"], "bm4d", 5)
+
+
+def test_intensity_weights_favour_bright_pixels() -> None:
+    x = torch.zeros(2, 3, 4, 4)
+    x[:, -1] = 0.1  # noise level: span 10
+    y = torch.linspace(0, 1, 16).reshape(1, 1, 4, 4).repeat(2, 1, 1, 1)
+    w = intensity_weights(x, y)
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert float(w[0, 0, -1, -1]) > 10 * float(w[0, 0, 0, 0])
+
+
+def test_train_guided_makes_a_pool_and_a_card_naming_its_guide(tmp_path: Path) -> None:
+    out = tmp_path / "hq.onnx"
+    cmd = [*CLI, "train", "denoise", "--guide", "bm3d",
+           "--pool", "6", "--steps", "3", "--patch", "32", "--batch", "2", "--channels", "4",
+           "--levels", "1", "--val-every", "3", "--out", str(out), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    card = read_card(out)
+    assert card.guide == "bm3d" and card.hparams["guided"] and card.channels == 3
+    pool = out.with_suffix(".pool.npz")
+    with np.load(pool) as data:
+        assert data["inputs"].shape == (6, 3, 32, 32) and str(data["guide"]) == "bm3d"
+    engine = make_engine("model", model=str(out))
+    engine.prepare((48, 48), np.dtype(np.float32), CAM)
+    assert np.isfinite(engine.process(frames(1)[0])).all()
+    bad = subprocess.run([*cmd[:len(CLI) + 2], "--guide", "bm3d", "--window", "3", "--out",
+                          str(tmp_path / "x.onnx"), "-q"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "bm3d guide takes --window 1" in bad.stderr
