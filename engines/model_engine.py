@@ -85,13 +85,13 @@ class ModelReplacement:
 class ModelEngine:
     def __init__(self, model: str | None = None, runtime: str = "auto", precision: str = "auto",
                  tile: int = 2048, halo: int = 32, allow_unverified: bool = False,
-                 **options: Any) -> None:
+                 ensemble: bool = False, **options: Any) -> None:
         if model is None:
             raise EngineError("engine 'model' needs a model: set engine.options.model to a "
                               "shipped model name or an .onnx path (or pass --model)")
         if options:
             raise TypeError(f"model engine options: model, runtime, precision, tile, halo, "
-                            f"allow_unverified; got unknown {sorted(options)}")
+                            f"allow_unverified, ensemble; got unknown {sorted(options)}")
         if runtime not in RUNTIME_CHOICES:
             raise EngineError(f"unknown runtime {runtime!r}; choose from "
                               f"{', '.join(RUNTIME_CHOICES)}")
@@ -111,6 +111,9 @@ class ModelEngine:
         self.scale = self.card.scale
         self.runtime_kind, self.precision_request = runtime, precision
         self.tile, self.halo = tile, halo
+        #: average the network over the 8 rotations/flips of its input (8x its time: the
+        #: offline quality models, whose classical guide is computed once regardless)
+        self.ensemble = ensemble
         if tile % self.card.multiple or halo % self.card.multiple or tile <= 2 * halo:
             raise EngineError(f"tile ({tile}) and halo ({halo}) must be multiples of "
                               f"{self.card.multiple} with tile > 2*halo")
@@ -230,8 +233,7 @@ class ModelEngine:
             return self._process_vst(self.norm, pixels)
         lo, hi = self.norm.bounds(pixels)
         x = normalize.apply(pixels, lo, hi)
-        y = run_tiled(x, self.runtime.run, tile=self.tile, halo=self.halo, scale=self.scale,
-                      multiple=self.card.multiple)
+        y = self._run(x)
         return normalize.invert(y, lo, hi)
 
     def _process_vst(self, norm: VSTNorm, pixels: np.ndarray) -> np.ndarray:
@@ -249,9 +251,34 @@ class ModelEngine:
             stable = noise.gat(window[-self._guide_window:])
             guide = noise.inverse_gat_unbiased(classical_estimate(self.guide_library, stable))
         x, lo, span = norm.inputs(window, noise, guide)
-        y = run_tiled(x, self.runtime.run, tile=self.tile, halo=self.halo, scale=self.scale,
-                      multiple=self.card.multiple)
+        y = self._run(x)
         return norm.invert(y, noise, lo, span)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """The network on `x` (channels first, or one 2-D plane), tiled; with `ensemble`,
+        the mean over the 8 rotations and flips (each output turned back) — over the 4 that
+        keep the shape when the frame is not square, as the runtime is compiled for it."""
+        assert self.runtime is not None
+        run = self.runtime.run
+
+        def once(a: np.ndarray) -> np.ndarray:
+            return run_tiled(np.ascontiguousarray(a), run, tile=self.tile, halo=self.halo,
+                             scale=self.scale, multiple=self.card.multiple)
+
+        if not self.ensemble:
+            return once(x)
+        total: np.ndarray | None = None
+        square = x.shape[-1] == x.shape[-2]
+        for turns in range(4) if square else (0, 2):
+            for flip in (False, True):
+                a = np.rot90(x, turns, axes=(-2, -1))
+                a = a[..., ::-1] if flip else a
+                y = once(a)
+                y = y[..., ::-1] if flip else y
+                y = np.rot90(y, -turns, axes=(-2, -1))
+                total = y.copy() if total is None else total + y
+        assert total is not None
+        return total / np.float32(8.0 if square else 4.0)
 
     def close(self) -> None:
         if self.runtime is not None:
