@@ -81,7 +81,7 @@ POOL_DIR = CACHE / "gen" / "pool"
 #: guide -> (samples per pool file, files per source): each file is made once and kept.
 #: BM4D costs ~2 s per 5×96² sample here against BM3D's 0.3 s, hence the smaller pool.
 POOLS = {"bm3d": (40, 3), "bm4d": (20, 1)}
-HQ_STEPS = 5000
+HQ_STEPS = 3000
 HQ_CHANNELS = 48
 
 
@@ -253,11 +253,12 @@ class Classical:
 
 
 class Model:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, ensemble: bool = False) -> None:
+        self.path, self.ensemble = path, ensemble
 
     def run(self, frames: list[np.ndarray], cal: CameraCalibration) -> np.ndarray:
-        engine = make_engine("model", model=str(self.path), runtime="openvino")
+        engine = make_engine("model", model=str(self.path), runtime="openvino",
+                             ensemble=self.ensemble)
         engine.prepare(frames[-1].shape, np.dtype(np.float32), cal)
         for f in frames[:-1]:  # context only: nobody needs these outputs
             engine.observe(f)
@@ -462,7 +463,7 @@ def main() -> int:
                     if not args.train:
                         return 1
                     subprocess.run(cmd, check=True)
-            models = {g: Model(p) for g, p in paths.items()}
+            models = {g: Model(p, ensemble=True) for g, p in paths.items()}
             single = models.get("bm3d")
             rows += evaluate_fold(fold, args.photons, classical, models.get("bm4d", single),
                                   args.side_movie, args.side_image, args.frames_per_movie,

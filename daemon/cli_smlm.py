@@ -122,7 +122,7 @@ def cmd_smlm_localize(args: argparse.Namespace) -> int:
         if ext in (".arrows", ".arrow"):
             from dimscope.smlm.block import OPTIONAL
 
-            writer = LocTableWriter(out, [c for c in OPTIONAL if c in _SMAPPY_EXTRA], meta)
+            writer = LocTableWriter(out, [c for c in OPTIONAL if c in localizer.columns], meta)
 
         def sink(block: LocBlock) -> None:
             if writer is not None:
@@ -150,10 +150,6 @@ def cmd_smlm_localize(args: argparse.Namespace) -> int:
                                                "max_gap": args.merge_gap}})
         print(f"{len(molecules)} molecules → {mpath}")
     return EXIT_OK
-
-
-_SMAPPY_EXTRA = ("x_err_nm", "y_err_nm", "photons_err", "background_err", "sigma_nm",
-                 "log_likelihood", "log_likelihood_per_pixel", "iterations")
 
 
 # ----------------------------------------------------------------------------- tables

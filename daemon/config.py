@@ -345,9 +345,43 @@ class InterpolateNodeConfig(_NodeConfig):
         return self
 
 
+class LocalizeNodeConfig(_NodeConfig):
+    """Localize single molecules in every frame of its upstream (raw SMLM frames) while
+    they are acquired; the table is written crash-safe beside the raw archive, and each
+    finished block goes downstream (frames of kind `localizations`: publish them)."""
+
+    kind: Literal["localize"] = "localize"
+    queue_frames: int = Field(
+        8192, ge=16, description="frames waiting to be localized (a frame is shared with "
+        "the archive, so this costs its pixels only while queued). Overflow leaves a gap in "
+        "the table, counted and named; the raw archive still has the frames")
+    psf_sigma_nm: float = Field(130.0, gt=0, description="start width of the Gaussian PSF")
+    roisize: int = Field(7, ge=5, description="fit box, pixels (odd)")
+    cutoff: float = Field(1.7, gt=0, description="detection: dynamic cutoff factor")
+    block_frames: int = Field(50, ge=1, description="close and publish a block of "
+                              "localizations at least every N frames")
+    edge_em_iterations: int = Field(
+        0, ge=0, description="EM refits of fits at the frame edge (accuracy at the edge for "
+        "about a fifth of the rate; see README: Localization microscopy)")
+    threads: int = Field(0, ge=0, description="fit threads; 0: one per core")
+    table: str = Field("localizations.arrows", pattern=r"^[A-Za-z0-9_.-]+\.arrows$",
+                       description="the table's file name in the run folder")
+
+
+class RenderNodeConfig(_NodeConfig):
+    """Render the localizations of its upstream (a `localize` node) as a super-resolution
+    image every `every_frames` frames (frames of kind `render`: publish them)."""
+
+    kind: Literal["render"] = "render"
+    every_frames: int = Field(200, ge=1, description="one render per this many frames")
+    pixel_nm: float = Field(20.0, gt=0, description="render pixel size, nm")
+    method: Literal["histogram", "gaussian"] = "histogram"
+    queue_frames: int = Field(64, ge=1)
+
+
 #: one `[[stages]]` entry, told apart by `kind` (each kind one model, CAREamics-style)
-NodeConfig = Annotated[EngineNodeConfig | PublishNodeConfig | InterpolateNodeConfig,
-                       Field(discriminator="kind")]
+NodeConfig = Annotated[EngineNodeConfig | PublishNodeConfig | InterpolateNodeConfig
+                       | LocalizeNodeConfig | RenderNodeConfig, Field(discriminator="kind")]
 
 #: the nodes every run has (see `daemon/graph.py`); extra `[[stages]]` may not reuse them
 DEFAULT_NODE_NAMES = ("acquisition", "archive", "publish_raw", "engine", "publish_enhanced",
@@ -498,6 +532,11 @@ class Config(StrictModel):
             if node.upstream not in known:
                 raise ValueError(f"{where}: upstream {node.upstream!r} is not an earlier node "
                                  f"(declared so far: {', '.join(sorted(known))})")
+            if isinstance(node, RenderNodeConfig) and not any(
+                    isinstance(n, LocalizeNodeConfig) and n.name == node.upstream
+                    for n in self.stages[:i]):
+                raise ValueError(f"{where}: a render node takes localizations: its upstream "
+                                 f"must be a localize node, not {node.upstream!r}")
             if isinstance(node, PublishNodeConfig):
                 if node.topic in topics:
                     raise ValueError(f"{where}: topic {node.topic!r} is already published")
@@ -512,8 +551,8 @@ def _format_errors(origin: str, exc: ValidationError) -> str:
         parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
         if len(parts) > 1 and parts[0] == "source" and parts[1] in ("sim", "mm", "replay"):
             del parts[1]  # the discriminator tag pydantic inserts is not a key in the file
-        if len(parts) > 2 and parts[0] == "stages" and parts[2] in ("engine", "publish",
-                                                                    "interpolate"):
+        if len(parts) > 2 and parts[0] == "stages" and parts[2] in (
+                "engine", "publish", "interpolate", "localize", "render"):
             del parts[2]
         loc = ".".join(parts)
         msg = err["msg"].removeprefix("Value error, ")

@@ -20,8 +20,11 @@ from dimscope.engines.base import EngineInfo
 from dimscope.engines.trust import TrustReport
 
 #: what the pixels are: `passthrough` = the raw pixels on the enhanced stream because the
-#: latency budget skipped the engine (never counted as enhanced); `trust` = a trust map
-FrameKind = Literal["raw", "enhanced", "interpolated", "passthrough", "trust"]
+#: latency budget skipped the engine (never counted as enhanced); `trust` = a trust map;
+#: `localizations` = a block of single-molecule localizations as Arrow IPC stream bytes
+#: (uint8; `daemon/localize_stage.py`); `render` = a super-resolution render of them
+FrameKind = Literal["raw", "enhanced", "interpolated", "passthrough", "trust",
+                    "localizations", "render"]
 #: what the latency budget made of a frame: enhanced in time, enhanced late, or passed on raw
 BudgetOutcome = Literal["met", "missed", "skipped"]
 

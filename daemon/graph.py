@@ -37,8 +37,10 @@ from .config import (
     Config,
     EngineNodeConfig,
     InterpolateNodeConfig,
+    LocalizeNodeConfig,
     NodeConfig,
     PublishNodeConfig,
+    RenderNodeConfig,
     TierConfig,
     TrustConfig,
 )
@@ -163,6 +165,22 @@ def _trust_log(node: Any, ctx: BuildContext) -> Stage:
     return TrustLogStage(ctx.run_dir, name=node.name, filename=node.filename)
 
 
+def _localize(node: LocalizeNodeConfig, ctx: BuildContext) -> Stage:
+    try:
+        from .localize_stage import LocalizeStage
+
+        return LocalizeStage(node, ctx.run_dir, ctx.pixel_size_um, ctx.calibration)
+    except ImportError as exc:  # smappy or pyarrow absent
+        raise EngineError(f"node {node.name!r} needs the smlm extra (pip install "
+                          f"'dimscope[smlm]'): {exc}") from None
+
+
+def _render(node: RenderNodeConfig, ctx: BuildContext) -> Stage:
+    from .localize_stage import RenderStage
+
+    return RenderStage(node)
+
+
 def _interpolate(node: InterpolateNodeConfig, ctx: BuildContext) -> Stage:
     interpolator = make_interpolator(node.method, **dict(node.options))
     return InterpolationStage(interpolator, node.factor, name=node.name,
@@ -178,6 +196,8 @@ NODE_KINDS: dict[str, Callable[[Any, BuildContext], Stage]] = {
     "publish": _publish,
     "interpolate": _interpolate,
     "trust_log": _trust_log,
+    "localize": _localize,
+    "render": _render,
 }
 
 

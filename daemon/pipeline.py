@@ -289,7 +289,8 @@ class Pipeline:
         # Upstream first: archive and engine drain into publishers that are still up.
         drain_s = self.config.archive.drain_timeout_s
         for stage in self.stages:
-            stage.stop(drain_s if stage.name == "archive" else _OTHER_DRAIN_S)
+            stage.stop(drain_s if stage.name == "archive" else
+                       stage.drain_timeout_s or _OTHER_DRAIN_S)
         if self.socket is not None:
             self.socket.close()
             self.socket = None

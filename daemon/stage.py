@@ -41,6 +41,9 @@ class StageFailedError(RuntimeError):
 class Stage:
     """Base class: subclasses implement `process(frame)`; call `emit()` to pass frames on."""
 
+    #: how long the pipeline lets it drain at stop; None: the pipeline's default
+    drain_timeout_s: float | None = None
+
     def __init__(self, name: str, capacity: int, policy: OverflowPolicy) -> None:
         if capacity < 1:
             raise ValueError(f"stage {name!r}: queue capacity must be >= 1, got {capacity}")

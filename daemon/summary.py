@@ -63,6 +63,17 @@ class StageStats(_Report):
     trust_ms: LatencyStats | None = Field(None, description="time to score a frame")
     trust_errors: int | None = Field(None, description="frames that could not be scored "
                                      "(published without a trust map)")
+    lag_frames: int | None = Field(None, description="localize: frames waiting to be "
+                                   "localized (how far live localization is behind)")
+    localizations: int | None = Field(None, description="localize: rows in the table")
+    frames_localized: int | None = Field(None, description="localize: frames localized live")
+    not_localized: int | None = Field(None, description="localize: frames dropped from live "
+                                      "localization by its queue (the raw archive has them)")
+    not_localized_ids: list[int] | None = Field(None, description="localize: their ids (the "
+                                                "first 10,000)")
+    table: str | None = Field(None, description="localize: the localization table's path")
+    renders: int | None = Field(None, description="render: images made")
+    frames: int | None = Field(None, description="render: frames the last render covers")
 
 
 class EngineReport(_Report):

@@ -79,6 +79,8 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         header["tier"] = frame.tier
     if frame.trust is not None:
         header["trust"] = frame.trust.score.as_dict()
+    if frame.kind in ("localizations", "render"):  # what the block or render covers
+        header["smlm"] = dict(frame.metadata)
     return json.dumps(header, separators=(",", ":")).encode()
 
 

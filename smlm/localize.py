@@ -99,6 +99,9 @@ class SmappyLocalizer:
     """`smappy-smlm`'s engine behind the `Localizer` protocol."""
 
     name = "smappy"
+    #: the optional columns (`block.OPTIONAL`) its blocks carry
+    columns = ("x_err_nm", "y_err_nm", "photons_err", "background_err", "sigma_nm",
+               "log_likelihood", "log_likelihood_per_pixel", "iterations")
 
     def __init__(self, settings: LocalizerSettings | None = None,
                  scmos: ScmosMaps | None = None) -> None:

@@ -81,6 +81,34 @@ def _batch(block: LocBlock, schema: pa.Schema) -> pa.RecordBatch:
     return pa.record_batch(arrays, schema=schema)
 
 
+def block_to_ipc(block: LocBlock, schema: pa.Schema) -> bytes:
+    """One block as a self-contained Arrow IPC stream (schema with units, the batch with its
+    frame range, end marker): the `localizations` topic's payload (`block_from_ipc`)."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, schema) as writer:
+        writer.write_batch(_batch(block, schema), custom_metadata={
+            "frame_start": str(block.frame_start), "frame_stop": str(block.frame_stop)})
+    return bytes(sink.getvalue())
+
+
+def block_from_ipc(payload: bytes | memoryview) -> LocBlock:
+    """The block a `localizations` message carries (see `block_to_ipc`)."""
+    reader = ipc.open_stream(pa.py_buffer(payload))
+    missing = set(REQUIRED) - set(reader.schema.names)
+    if missing:
+        raise MissingColumnsError(missing, "localizations message")
+    blocks = []
+    while True:
+        try:
+            batch, meta = reader.read_next_batch_with_custom_metadata()
+        except StopIteration:
+            break
+        blocks.append(_block_of(batch, meta))
+    if len(blocks) != 1:
+        raise ValueError(f"a localizations message holds one block, this one {len(blocks)}")
+    return blocks[0]
+
+
 class LocTableWriter:
     """Append `LocBlock`s to an Arrow IPC stream file, each flushed (and fsynced) at once."""
 
@@ -221,6 +249,21 @@ def recover_table(path: str | Path) -> RecoverReport:
             f.flush()
             os.fsync(f.fileno())
     return RecoverReport(path, len(read.blocks), sum(len(b) for b in read.blocks),
+                         read.frames_done, read.total_bytes - read.valid_bytes, read.complete)
+
+
+def recovered_copy(path: str | Path, out: str | Path) -> RecoverReport:
+    """Like `recover_table`, into a new file `out`; the original is not touched (what
+    `dimscope recover RUN` does beside the raw archive's recovery)."""
+    path, out = Path(path), Path(out)
+    read = read_table(path)
+    with path.open("rb") as src, out.open("xb") as dst:
+        dst.write(src.read(read.valid_bytes))
+        if not read.complete:
+            dst.write(EOS)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return RecoverReport(out, len(read.blocks), sum(len(b) for b in read.blocks),
                          read.frames_done, read.total_bytes - read.valid_bytes, read.complete)
 
 

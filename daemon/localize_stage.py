@@ -1,0 +1,212 @@
+"""Live localization microscopy: localize every raw frame while it is acquired, render.
+
+`LocalizeStage` (node kind `localize`, upstream: raw frames) pushes each frame into a
+`dimscope.smlm` localizer (smappy-smlm) in acquisition order. Every finished block — all
+localizations of a frame range, `[localize] block_frames` frames at most — is
+
+- appended to the crash-safe table in the run folder (`localizations.arrows`: an Arrow IPC
+  stream, one fsynced batch per block; `dimscope recover` and `dimscope smlm recover` make a
+  killed run's table valid again), and
+- passed downstream as a frame of kind `localizations` whose payload is that block as a
+  self-contained Arrow IPC stream (`smlm.table.block_from_ipc` reads it; docs/wire-format.md).
+
+The localizer needs frames in order without gaps. The queue is large (a queued frame costs
+only its pixels, which the archive shares), so localization falls behind a burst and catches
+up. If it overflows, the oldest frames are dropped from localization only — never from the
+raw archive: the open block is closed before the gap, a new block starts after it, and the
+dropped frame ids are counted (`not_localized`) and listed in the run summary, so the table
+says exactly which frames it lacks and `dimscope smlm localize` on the raw archive can fill
+them. The lag (frames waiting) is a metric.
+
+`RenderStage` (node kind `render`, upstream: a localize node) accumulates the positions and
+emits a super-resolution image (histogram or Gaussian, `pixel_nm` per pixel) every
+`every_frames` frames and at the end of the run: frames of kind `render`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dimscope.engines import CameraCalibration
+
+from .config import LocalizeNodeConfig, RenderNodeConfig
+from .frame import Frame, freeze
+from .stage import OverflowPolicy, Stage
+
+log = logging.getLogger(__name__)
+
+#: at most this many ids of frames not localized are kept for the summary (all are counted)
+_MAX_LISTED = 10_000
+
+
+class LocalizeStage(Stage):
+    #: at stop, localizing what is queued may take a while (thousands of frames/s)
+    drain_timeout_s = 120.0
+
+    def __init__(self, node: LocalizeNodeConfig, run_dir: Path, pixel_size_um: float,
+                 calibration: CameraCalibration) -> None:
+        super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
+        from dimscope.smlm.localize import LocalizerSettings
+
+        self.node = node
+        self.path = run_dir / node.table
+        self.pixel_nm = pixel_size_um * 1000.0
+        #: photons are only photons when the camera is calibrated (`[camera]` or the source's)
+        self.calibrated = calibration.measured
+        self.settings = LocalizerSettings(
+            pixel_nm=self.pixel_nm, psf_sigma_nm=node.psf_sigma_nm,
+            gain_adu_per_e=calibration.gain_adu_per_e, offset_adu=calibration.offset_adu,
+            read_noise_e=calibration.read_noise_e, roisize=node.roisize, cutoff=node.cutoff,
+            flush_frames=node.block_frames, edge_em_iterations=node.edge_em_iterations,
+            threads=node.threads)
+        self._localizer: Any = None
+        self._writer: Any = None
+        self._schema: Any = None
+        self._last: Frame | None = None
+        self._lock = threading.Lock()
+        #: rows written, frames localized, frames the queue dropped (ids: `not_localized_ids`)
+        self.localizations = 0
+        self.frames_localized = 0
+        self.not_localized = 0
+        self.not_localized_ids: list[int] = []
+
+    def setup(self) -> None:
+        from dimscope.smlm.block import OPTIONAL
+        from dimscope.smlm.localize import SmappyLocalizer
+        from dimscope.smlm.table import LocTableWriter
+
+        self._localizer = SmappyLocalizer(self.settings)
+        columns = [c for c in OPTIONAL if c in SmappyLocalizer.columns]
+        meta = {**self._localizer.metadata(), "source": "live", "pixel_nm": self.pixel_nm,
+                "camera_calibrated": self.calibrated}
+        if not self.calibrated:
+            log.warning("%s: the camera is not calibrated (no [camera] gain/offset and none "
+                        "from the source): photons, background and precision assume gain 1, "
+                        "offset 0", self.name)
+        self._writer = LocTableWriter(self.path, columns, meta)
+        self._schema = self._writer.schema
+
+    def process(self, frame: Frame) -> None:
+        skipped = self.take_skipped()
+        if skipped:
+            self._gap(skipped)
+        self._last = frame
+        blocks = self._localizer.push(frame.pixels, first_frame=frame.frame_id)
+        self.frames_localized += 1
+        for block in blocks:
+            self._publish(block, frame)
+
+    def _gap(self, skipped: list[int]) -> None:
+        """Frames the queue dropped: close the open block before them, restart after."""
+        with self._lock:
+            self.not_localized += len(skipped)
+            room = _MAX_LISTED - len(self.not_localized_ids)
+            self.not_localized_ids += skipped[:max(room, 0)]
+        log.error("%s: %d frame(s) dropped from live localization (the raw archive has them; "
+                  "`dimscope smlm localize` fills the table's gap): ids %s", self.name,
+                  len(skipped), skipped[:10])
+        if self._last is not None:
+            for block in self._localizer.flush():
+                self._publish(block, self._last)
+        from dimscope.smlm.localize import SmappyLocalizer
+
+        self._localizer = SmappyLocalizer(self.settings)  # a fresh one starts anywhere
+
+    def _publish(self, block: Any, frame: Frame) -> None:
+        from dimscope.smlm.table import block_to_ipc
+
+        self._writer.append(block)
+        self.localizations += len(block)
+        payload = np.frombuffer(block_to_ipc(block, self._schema), dtype=np.uint8)
+        self.emit(frame.replace(
+            pixels=freeze(payload), kind="localizations",
+            source_ids=tuple(range(block.frame_start, block.frame_stop)),
+            metadata={"frame_start": str(block.frame_start),
+                      "frame_stop": str(block.frame_stop), "count": str(len(block)),
+                      "format": "arrow-ipc-stream", "pixel_nm": f"{self.pixel_nm:g}",
+                      "camera_shape": "x".join(map(str, frame.shape[-2:]))}).marked(self.name))
+
+    def teardown(self) -> None:
+        try:
+            if self._localizer is not None and self._last is not None:
+                for block in self._localizer.flush():
+                    self._publish(block, self._last)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    def snapshot(self) -> dict[str, object]:
+        snap = super().snapshot()
+        with self._lock:
+            ids = list(self.not_localized_ids)
+        snap.update(lag_frames=self.depth, localizations=self.localizations,
+                    frames_localized=self.frames_localized, not_localized=self.not_localized,
+                    not_localized_ids=ids, table=str(self.path))
+        return snap
+
+
+class RenderStage(Stage):
+    """Super-resolution renders of the localizations so far, every `every_frames` frames."""
+
+    def __init__(self, node: RenderNodeConfig) -> None:
+        super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
+        self.node = node
+        self._x: list[np.ndarray] = []
+        self._y: list[np.ndarray] = []
+        self._precision: list[np.ndarray] = []
+        self._frames = 0  # frames covered by the blocks received
+        self._next_render = node.every_frames
+        self._field_nm: tuple[float, float] | None = None
+        self._last: Frame | None = None
+        self.renders = 0
+
+    def process(self, frame: Frame) -> None:
+        from dimscope.smlm.table import block_from_ipc
+
+        block = block_from_ipc(frame.pixels.data)
+        if self._field_nm is None:  # the camera's field, so every render has one size
+            pixel_nm = float(frame.metadata["pixel_nm"])
+            h, w = (int(v) for v in frame.metadata["camera_shape"].split("x"))
+            self._field_nm = (w * pixel_nm, h * pixel_nm)
+        self._x.append(np.asarray(block.x_nm))
+        self._y.append(np.asarray(block.y_nm))
+        self._precision.append(np.asarray(block["precision_nm"]))
+        self._frames += block.frame_stop - block.frame_start
+        self._last = frame
+        if self._frames >= self._next_render:
+            self._render(frame)
+            while self._next_render <= self._frames:
+                self._next_render += self.node.every_frames
+
+    def _render(self, frame: Frame) -> None:
+        from dimscope.smlm.block import LocBlock
+        from dimscope.smlm.render import gaussian, histogram
+
+        x, y = np.concatenate(self._x), np.concatenate(self._y)
+        n = len(x)
+        cols = {"frame": np.zeros(n, np.int64), "x_nm": x, "y_nm": y,
+                "photons": np.ones(n, np.float32), "background": np.zeros(n, np.float32),
+                "precision_nm": np.concatenate(self._precision)}
+        locs = LocBlock(0, self._frames, cols)
+        fn = histogram if self.node.method == "histogram" else gaussian
+        image = np.asarray(fn(locs, self.node.pixel_nm, self._field_nm), dtype=np.float32)
+        self.renders += 1
+        self.emit(frame.replace(
+            pixels=freeze(image), kind="render", pixel_size_um=self.node.pixel_nm / 1000.0,
+            metadata={"frames": str(self._frames), "localizations": str(n),
+                      "method": self.node.method, "pixel_nm": f"{self.node.pixel_nm:g}"},
+            source_ids=()).marked(self.name))
+
+    def teardown(self) -> None:
+        if self._last is not None and self.renders * self.node.every_frames < self._frames:
+            self._render(self._last)  # the whole run, once more at the end
+
+    def snapshot(self) -> dict[str, object]:
+        snap = super().snapshot()
+        snap.update(renders=self.renders, frames=self._frames)
+        return snap
