@@ -207,7 +207,20 @@ class PipelineCollector(Collector):
                                      "adaptation rounds finished", labels=["stage"])
         swaps = CounterMetricFamily("dimscope_adaptation_swaps",
                                     "adapted models swapped in", labels=["stage"])
+        lag = GaugeMetricFamily("dimscope_localize_lag_frames",
+                                "frames waiting to be localized (live localization behind "
+                                "acquisition by this many)", labels=["stage"])
+        locs = CounterMetricFamily("dimscope_localizations",
+                                   "single-molecule localizations written to the table",
+                                   labels=["stage"])
+        not_localized = CounterMetricFamily(
+            "dimscope_frames_not_localized", "frames left out of live localization by its "
+            "queue (the raw archive has them)", labels=["stage"])
         for name, st in s.stages.items():
+            if st.lag_frames is not None:
+                lag.add_metric([name], st.lag_frames)
+                locs.add_metric([name], st.localizations or 0)
+                not_localized.add_metric([name], st.not_localized or 0)
             if st.trust_alerts is not None:
                 alerts.add_metric([name], st.trust_alerts)
             if st.budget_ms is not None:  # tiers only change under a budget
@@ -220,7 +233,8 @@ class PipelineCollector(Collector):
                 adapt.add_metric([name], {"version": st.adapt_version or ""})
                 rounds.add_metric([name], st.adapt_rounds)
                 swaps.add_metric([name], st.adapt_swaps or 0)
-        yield from (alerts, budget, skipped, changes, tier, tier_info, adapt, rounds, swaps)
+        yield from (alerts, budget, skipped, changes, tier, tier_info, adapt, rounds, swaps,
+                    lag, locs, not_localized)
 
 
 class MetricsServer:

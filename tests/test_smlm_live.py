@@ -134,12 +134,28 @@ def test_a_localize_queue_overflow_leaves_a_named_gap_and_archives_everything(
     """A queue of 16 frames at 8,000 frames/s: localization falls behind; the frames it
     drops are counted and named, the table says exactly which frames it covers, and the
     raw archive keeps every frame."""
+    from dimscope.daemon.pipeline import Pipeline
+    from dimscope.daemon.prometheus import MetricsServer, PipelineCollector
+
+    from .test_service import _scrape
+
     path, sim, _ = recording
     cfg = make_config(tmp_path, source=source(path, sim, 8000.0),
                       stages=stages(queue=16, edge_em=10), engine={"name": "identity"},
                       trust={"enabled": False}, camera=camera(sim))
-    summary, _ = run_and_record(cfg, 3.0, [])
+    pipeline = Pipeline(cfg)
+    server = MetricsServer("127.0.0.1:0", PipelineCollector(pipeline))
+    try:
+        pipeline.start()
+        pipeline.wait(duration_s=3.0)
+        summary = pipeline.stop().to_dict()
+        metrics = _scrape(server.port)
+    finally:
+        server.close()
     loc = summary["stages"]["localize"]
+    assert metrics["dimscope_frames_not_localized_total|stage=localize"] == loc["not_localized"]
+    assert metrics["dimscope_localizations_total|stage=localize"] == loc["localizations"]
+    assert metrics["dimscope_localize_lag_frames|stage=localize"] == 0
     assert summary["archived"] == summary["acquired"] == FRAMES
     assert loc["not_localized"] > 0, "the queue never overflowed: nothing tested"
     assert loc["frames_localized"] + loc["not_localized"] == FRAMES
