@@ -74,6 +74,8 @@ class LocalizeStage(Stage):
         self.frames_localized = 0
         self.not_localized = 0
         self.not_localized_ids: list[int] = []
+        #: seconds spent inside the localizer (so its live rate compares with a batch run)
+        self._seconds_done = 0.0
 
     def setup(self) -> None:
         from dimscope.smlm.block import OPTIONAL
@@ -115,6 +117,7 @@ class LocalizeStage(Stage):
                 self._publish(block, self._last)
         from dimscope.smlm.localize import SmappyLocalizer
 
+        self._seconds_done += self._localizer.seconds
         self._localizer = SmappyLocalizer(self.settings)  # a fresh one starts anywhere
 
     def _publish(self, block: Any, frame: Frame) -> None:
@@ -144,9 +147,10 @@ class LocalizeStage(Stage):
         snap = super().snapshot()
         with self._lock:
             ids = list(self.not_localized_ids)
+        busy = self._seconds_done + (self._localizer.seconds if self._localizer else 0.0)
         snap.update(lag_frames=self.depth, localizations=self.localizations,
                     frames_localized=self.frames_localized, not_localized=self.not_localized,
-                    not_localized_ids=ids, table=str(self.path))
+                    not_localized_ids=ids, table=str(self.path), localize_seconds=busy)
         return snap
 
 

@@ -72,6 +72,8 @@ class StageStats(_Report):
     not_localized_ids: list[int] | None = Field(None, description="localize: their ids (the "
                                                 "first 10,000)")
     table: str | None = Field(None, description="localize: the localization table's path")
+    localize_seconds: float | None = Field(None, description="localize: time spent inside "
+                                           "the localizer (its live rate = frames / this)")
     renders: int | None = Field(None, description="render: images made")
     frames: int | None = Field(None, description="render: frames the last render covers")
 
