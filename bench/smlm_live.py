@@ -1,15 +1,17 @@
-"""Live localization in a running pipeline (issue 17, "Speed"): a real core replays a simulated
-SMLM acquisition at 128×128 and a set frame rate for a set time, while the raw archive, the
+"""Live localization in a running pipeline (issue 17, "Speed"): the simulated SMLM microscope
+(`smlm_sim` source: blinking labels on filaments, 128×128, ~30 emitting per frame, 1–5 k
+photons) runs at a set frame rate for a set time in a real core, while the raw archive, the
 `localize` node, a `render` node (every 500 frames) and both publishers run.
 
 Reported: frames acquired / archived / localized, frames left out by the localize queue, the
 lag when acquisition stopped and the most frames it ever had waiting, and the live rate —
 frames localized per second spent inside the localizer — against the library's own batch
-call (`smappy.fit`) and the same localizer run as a batch, both on the replayed frames, in the
-same run. The localizer's settings are the node's defaults (edge padding, no edge EM refit).
-Not in this run, because not built yet: the dense (sparse-to-dense) network and its trust map.
+call (`smappy.fit`) and the same localizer run as a batch, both on the frames the run
+archived (read back from its OME-TIFF), in the same process. The localizer's settings are
+the node's defaults (edge padding, no edge EM refit). Not in this run, because not built
+yet: the dense (sparse-to-dense) network and its trust map.
 
-    .venv/bin/python bench/smlm_live.py [--seconds 60] [--fps 200] [--frames 2000]
+    .venv/bin/python bench/smlm_live.py [--seconds 60] [--fps 200] [--batch-frames 3000]
     # writes results/smlm_live.{json,md}
 """
 
@@ -35,7 +37,7 @@ from dimscope.smlm.localize import LocalizerSettings, SmappyLocalizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config(raw: Path, runs: Path, fps: float) -> Any:
+def config(runs: Path, fps: float) -> Any:
     cam = offline.CAM
     stages = [{"kind": "localize", "name": "localize"},
               {"kind": "publish", "name": "publish_localizations", "upstream": "localize",
@@ -45,10 +47,10 @@ def config(raw: Path, runs: Path, fps: float) -> Any:
               {"kind": "publish", "name": "publish_render", "upstream": "render",
                "topic": "render"}]
     return parse_config({
-        "source": {"kind": "replay", "path": str(raw), "fps": fps, "loop": True,
-                   "pixel_size_um": cam.pixel_nm / 1000.0},
-        "camera": {"gain_adu_per_e": cam.gain_adu_per_e, "offset_adu": cam.offset_adu,
-                   "read_noise_e": cam.read_noise_e},
+        "source": {"kind": "smlm_sim", "width": 128, "height": 128, "fps": fps,
+                   "emitters_per_frame": 30.0, "pixel_nm": cam.pixel_nm,
+                   "gain_adu_per_e": cam.gain_adu_per_e, "offset_adu": cam.offset_adu,
+                   "read_noise_e": cam.read_noise_e, "seed": 11},
         "engine": {"name": "identity"}, "trust": {"enabled": False},
         "archive": {"out_dir": str(runs)},
         "publish": {"address": "tcp://127.0.0.1:*"},
@@ -60,20 +62,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--fps", type=float, default=200.0)
-    ap.add_argument("--frames", type=int, default=2000, help="distinct frames (replayed in a "
-                    "loop)")
+    ap.add_argument("--batch-frames", type=int, default=3000,
+                    help="archived frames the batch rates are measured on")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "smlm_live")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        stack, _ = offline.simulate("filaments", args.frames, seed=11)
-        raw = Path(tmp) / "raw.tif"
-        tifffile.imwrite(raw, stack)
-        pipeline = Pipeline(config(raw, Path(tmp) / "runs", args.fps))
+        pipeline = Pipeline(config(Path(tmp) / "runs", args.fps))
         pipeline.start()
         pipeline.wait(duration_s=args.seconds)
         before = pipeline.summary().to_dict()["stages"]["localize"]  # lag as acquisition ends
         summary = pipeline.stop().to_dict()
         loc = summary["stages"]["localize"]
+        archived = sorted(Path(summary["run_dir"]).glob("raw_*.ome.tif"))[0]
+        stack = tifffile.imread(archived, key=range(args.batch_frames))
         live_rate = loc["frames_localized"] / max(loc["localize_seconds"], 1e-9)
         settings = LocalizerSettings(
             pixel_nm=offline.CAM.pixel_nm, gain_adu_per_e=offline.CAM.gain_adu_per_e,

@@ -549,7 +549,8 @@ def _format_errors(origin: str, exc: ValidationError) -> str:
     lines = [f"{origin}: {exc.error_count()} problem(s)"]
     for err in exc.errors():
         parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
-        if len(parts) > 1 and parts[0] == "source" and parts[1] in ("sim", "mm", "replay"):
+        if len(parts) > 1 and parts[0] == "source" and parts[1] in ("sim", "mm", "replay",
+                                                                  "smlm_sim"):
             del parts[1]  # the discriminator tag pydantic inserts is not a key in the file
         if len(parts) > 2 and parts[0] == "stages" and parts[2] in (
                 "engine", "publish", "interpolate", "localize", "render"):
@@ -559,10 +560,10 @@ def _format_errors(origin: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the config schema)"
         elif err["type"] == "union_tag_invalid":
-            msg = f"{msg} (source.kind must be one of 'sim', 'mm', 'replay')"
+            msg = f"{msg} (source.kind must be one of 'sim', 'mm', 'replay', 'smlm_sim')"
         elif err["type"] == "union_tag_not_found":
             loc = f"{loc}.kind" if loc else "kind"
-            msg = "missing: every [source] needs kind = 'sim', 'mm' or 'replay'"
+            msg = "missing: every [source] needs kind = 'sim', 'mm', 'replay' or 'smlm_sim'"
         given = err.get("input")
         given_txt = "" if err["type"] in ("missing",) or isinstance(given, dict) else (
             f" (got {given!r})")

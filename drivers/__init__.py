@@ -20,6 +20,7 @@ _SOURCES = {
     "sim": "dimscope.drivers.sim:SimSource",
     "mm": "dimscope.drivers.mm:MMSource",
     "replay": "dimscope.drivers.replay:ReplaySource",
+    "smlm_sim": "dimscope.drivers.smlm_sim:SMLMSimSource",
 }
 
 

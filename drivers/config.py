@@ -125,8 +125,50 @@ class ReplaySourceConfig(StrictModel):
         return path
 
 
-SourceConfig = Annotated[SimSourceConfig | MMSourceConfig | ReplaySourceConfig,
-                         Field(discriminator="kind")]
+class SMLMSimSourceConfig(StrictModel):
+    """The simulated localization microscope (drivers/smlm_sim.py): blinking single
+    emitters on a structure, the activation laser's power a device property."""
+
+    kind: Literal["smlm_sim"] = "smlm_sim"
+    width: int = Field(128, ge=16, le=2048)
+    height: int = Field(128, ge=16, le=2048)
+    fps: float = Field(200.0, gt=0, le=5000)
+    structure: Literal["filaments", "rings", "image"] = "filaments"
+    image: Path | None = Field(None, description="structure `image`: a TIFF used as the "
+                               "density map")
+    image_pixel_nm: float = Field(20.0, gt=0)
+    emitters_per_frame: float = Field(
+        30.0, gt=0, description="emitting labels per frame at the start (sets the "
+        "activation power; the `Activation` laser's `Power` changes it live)")
+    pixel_nm: float = Field(100.0, gt=0)
+    psf_sigma_nm: float = Field(130.0, gt=0)
+    gain_adu_per_e: float = Field(2.0, gt=0)
+    offset_adu: float = Field(100.0, ge=0)
+    read_noise_e: float = Field(1.5, ge=0)
+    ground_truth_history: int = Field(
+        0, ge=0, description="frames whose emitter truth is kept for in-process callers")
+    buffer_mb: int = Field(256, ge=8)
+    seed: int = 0
+
+    @field_validator("image", mode="after")
+    @classmethod
+    def _image_exists(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        path = resolve_path(path, info)
+        if not path.is_file():
+            raise ValueError(f"density image {str(path)!r} does not exist")
+        return path
+
+    @model_validator(mode="after")
+    def _image_given(self) -> SMLMSimSourceConfig:
+        if self.structure == "image" and self.image is None:
+            raise ValueError("structure 'image' needs `image`, a TIFF path")
+        return self
+
+
+SourceConfig = Annotated[SimSourceConfig | MMSourceConfig | ReplaySourceConfig
+                         | SMLMSimSourceConfig, Field(discriminator="kind")]
 
 
 def default_adapter_paths() -> list[Path]:
