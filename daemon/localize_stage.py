@@ -10,7 +10,8 @@ localizations of a frame range, `[localize] block_frames` frames at most — is
 - passed downstream as a frame of kind `localizations` whose payload is that block as a
   self-contained Arrow IPC stream (`smlm.table.block_from_ipc` reads it; docs/wire-format.md).
 
-The localizer needs frames in order without gaps. The queue is large (a queued frame costs
+The localizer needs frames in order without gaps. Frames waiting in the queue are taken
+together and pushed as one stack (up to 64: fewer calls when behind). The queue is large (a queued frame costs
 only its pixels, which the archive shares), so localization falls behind a burst and catches
 up. If it overflows, the oldest frames are dropped from localization only — never from the
 raw archive: the open block is closed before the gap, a new block starts after it, and the
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: at most this many ids of frames not localized are kept for the summary (all are counted)
 _MAX_LISTED = 10_000
+#: at most this many queued frames are pushed to the localizer in one call
+_BATCH = 64
 
 
 class LocalizeStage(Stage):
@@ -94,17 +97,30 @@ class LocalizeStage(Stage):
         self._schema = self._writer.schema
 
     def process(self, frame: Frame) -> None:
-        skipped = self.take_skipped()
-        if skipped:
-            self._gap(skipped)
-        self._last = frame
-        blocks = self._localizer.push(frame.pixels, first_frame=frame.frame_id)
-        self.frames_localized += 1
-        for block in blocks:
-            self._publish(block, frame)
+        # Behind? Take what is queued too and push it as one stack: one call per batch
+        # instead of per frame.
+        frames = [frame, *self.take_queued(_BATCH - 1)]
+        self._record_skipped(self.take_skipped())
+        start = 0
+        for i in range(1, len(frames) + 1):
+            if i == len(frames) or frames[i].frame_id != frames[i - 1].frame_id + 1:
+                self._push(frames[start:i])
+                start = i
 
-    def _gap(self, skipped: list[int]) -> None:
-        """Frames the queue dropped: close the open block before them, restart after."""
+    def _push(self, run: list[Frame]) -> None:
+        """Consecutive frames, pushed as one stack; after a gap, a fresh localizer."""
+        if self._last is not None and run[0].frame_id != self._last.frame_id + 1:
+            self._restart()
+        self._last = run[-1]
+        pixels = run[0].pixels[None] if len(run) == 1 else np.stack([f.pixels for f in run])
+        blocks = self._localizer.push(pixels, first_frame=run[0].frame_id)
+        self.frames_localized += len(run)
+        for block in blocks:
+            self._publish(block, run[-1])
+
+    def _record_skipped(self, skipped: list[int]) -> None:
+        if not skipped:
+            return
         with self._lock:
             self.not_localized += len(skipped)
             room = _MAX_LISTED - len(self.not_localized_ids)
@@ -112,13 +128,17 @@ class LocalizeStage(Stage):
         log.error("%s: %d frame(s) dropped from live localization (the raw archive has them; "
                   "`dimscope smlm localize` fills the table's gap): ids %s", self.name,
                   len(skipped), skipped[:10])
+
+    def _restart(self) -> None:
+        """A gap in the frames: close the open block before it, start a fresh localizer
+        (one that starts at any frame) after it."""
+        from dimscope.smlm.localize import SmappyLocalizer
+
         if self._last is not None:
             for block in self._localizer.flush():
                 self._publish(block, self._last)
-        from dimscope.smlm.localize import SmappyLocalizer
-
         self._seconds_done += self._localizer.seconds
-        self._localizer = SmappyLocalizer(self.settings)  # a fresh one starts anywhere
+        self._localizer = SmappyLocalizer(self.settings)
 
     def _publish(self, block: Any, frame: Frame) -> None:
         from dimscope.smlm.table import block_to_ipc
@@ -135,6 +155,7 @@ class LocalizeStage(Stage):
                       "camera_shape": "x".join(map(str, frame.shape[-2:]))}).marked(self.name))
 
     def teardown(self) -> None:
+        self._record_skipped(self.take_skipped())  # dropped after the last frame localized
         try:
             if self._localizer is not None and self._last is not None:
                 for block in self._localizer.flush():

@@ -127,6 +127,16 @@ class Stage:
     def depth(self) -> int:
         return len(self._queue)
 
+    def take_queued(self, limit: int) -> list[Frame]:
+        """Worker side: up to `limit` more frames already queued, without waiting (a stage
+        that works faster on several frames at once takes them with the one in hand)."""
+        with self._cond:
+            n = min(limit, len(self._queue))
+            frames = [self._queue.popleft() for _ in range(n)]
+            if n and self.policy is OverflowPolicy.FAIL:
+                self._cond.notify_all()
+            return frames
+
     def snapshot(self) -> dict[str, object]:
         with self._cond:  # a consistent set: no offer is half-counted
             snap: dict[str, object] = dict(self.counters.snapshot(self.depth, self.capacity))
