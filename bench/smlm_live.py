@@ -106,7 +106,7 @@ def main() -> int:
           __doc__.split("\n\n")[1].replace("\n", " "), "",
           f"Measured {result['date']} on {result['machine']}: {args.seconds:g} s at "
           f"{args.fps:g} frames/s, {result['shape'][0]}×{result['shape'][1]}, ~30 emitters per "
-          "frame, 1–5 k photons (simulated filaments replayed through the core).", "",
+          "frame, 1–5 k photons (the `smlm_sim` source, filaments).", "",
           "| | value |", "|---|---:|"]
     md += [f"| {k.replace('_', ' ')} | {v} |" for k, v in result.items()
            if k not in ("date", "machine", "shape")]
