@@ -377,6 +377,11 @@ class RenderNodeConfig(_NodeConfig):
     pixel_nm: float = Field(20.0, gt=0, description="render pixel size, nm")
     method: Literal["histogram", "gaussian"] = "histogram"
     queue_frames: int = Field(64, ge=1)
+    drift_correction: bool = Field(
+        True, description="estimate the drift by redundant cross-correlation of sub-renders "
+        "(RCC) at each render once there are two segments, and render corrected; each "
+        "estimate is appended to drift.jsonl in the run folder")
+    drift_segment_frames: int = Field(1000, ge=50, description="frames per RCC segment")
 
 
 #: one `[[stages]]` entry, told apart by `kind` (each kind one model, CAREamics-style)

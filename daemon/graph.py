@@ -178,7 +178,7 @@ def _localize(node: LocalizeNodeConfig, ctx: BuildContext) -> Stage:
 def _render(node: RenderNodeConfig, ctx: BuildContext) -> Stage:
     from .localize_stage import RenderStage
 
-    return RenderStage(node)
+    return RenderStage(node, ctx.run_dir)
 
 
 def _interpolate(node: InterpolateNodeConfig, ctx: BuildContext) -> Stage:

@@ -11,17 +11,23 @@ localizations of a frame range, `[localize] block_frames` frames at most — is
   self-contained Arrow IPC stream (`smlm.table.block_from_ipc` reads it; docs/wire-format.md).
 
 The localizer needs frames in order without gaps. Frames waiting in the queue are taken
-together and pushed as one stack (up to 64: fewer calls when behind). The queue is large (a queued frame costs
-only its pixels, which the archive shares), so localization falls behind a burst and catches
-up. If it overflows, the oldest frames are dropped from localization only — never from the
-raw archive: the open block is closed before the gap, a new block starts after it, and the
-dropped frame ids are counted (`not_localized`) and listed in the run summary, so the table
-says exactly which frames it lacks and `dimscope smlm localize` on the raw archive can fill
-them. The lag (frames waiting) is a metric.
+together and pushed as one stack (up to 64: fewer calls when behind). The queue is large (a
+queued frame costs only its pixels, which the archive shares), so localization falls behind a
+burst and catches up. If it overflows, the oldest frames are dropped from localization only
+— never from the raw archive: the open block is closed before the gap, a new block starts
+after it, and the dropped frame ids are counted (`not_localized`) and listed in the run
+summary, so the table says exactly which frames it lacks and `dimscope smlm localize` on the
+raw archive can fill them. The lag (frames waiting) is a metric.
 
 `RenderStage` (node kind `render`, upstream: a localize node) accumulates the positions and
 emits a super-resolution image (histogram or Gaussian, `pixel_nm` per pixel) every
-`every_frames` frames and at the end of the run: frames of kind `render`.
+`every_frames` frames and at the end of the run: frames of kind `render`. With
+`drift_correction` (default) each render first estimates the drift so far by redundant
+cross-correlation of `drift_segment_frames`-frame sub-renders (`smlm.drift.rcc`, once there
+are two segments) and renders the corrected positions; every estimate applied is appended
+to `drift.jsonl` in the run folder (frames, per-segment drift, the drift at the last frame,
+RCC's residual), and the render's header says what was subtracted. The table keeps the
+uncorrected positions.
 """
 
 from __future__ import annotations
@@ -178,9 +184,12 @@ class LocalizeStage(Stage):
 class RenderStage(Stage):
     """Super-resolution renders of the localizations so far, every `every_frames` frames."""
 
-    def __init__(self, node: RenderNodeConfig) -> None:
+    def __init__(self, node: RenderNodeConfig, run_dir: Path) -> None:
         super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
         self.node = node
+        self.drift_log = run_dir / "drift.jsonl"
+        self._frame: list[np.ndarray] = []
+        self.drift_estimates = 0
         self._x: list[np.ndarray] = []
         self._y: list[np.ndarray] = []
         self._precision: list[np.ndarray] = []
@@ -200,6 +209,7 @@ class RenderStage(Stage):
             self._field_nm = (w * pixel_nm, h * pixel_nm)
         self._x.append(np.asarray(block.x_nm))
         self._y.append(np.asarray(block.y_nm))
+        self._frame.append(np.asarray(block.frame))
         self._precision.append(np.asarray(block["precision_nm"]))
         self._frames += block.frame_stop - block.frame_start
         self._last = frame
@@ -214,18 +224,47 @@ class RenderStage(Stage):
 
         x, y = np.concatenate(self._x), np.concatenate(self._y)
         n = len(x)
-        cols = {"frame": np.zeros(n, np.int64), "x_nm": x, "y_nm": y,
+        frames = np.concatenate(self._frame).astype(np.int64)
+        cols = {"frame": frames, "x_nm": x, "y_nm": y,
                 "photons": np.ones(n, np.float32), "background": np.zeros(n, np.float32),
                 "precision_nm": np.concatenate(self._precision)}
-        locs = LocBlock(0, self._frames, cols)
+        last = int(frames.max()) + 1 if n else 0
+        locs = LocBlock(0, last, cols)
+        meta = {"frames": str(self._frames), "localizations": str(n),
+                "method": self.node.method, "pixel_nm": f"{self.node.pixel_nm:g}",
+                "drift_corrected": "false"}
+        segments = last // self.node.drift_segment_frames
+        if self.node.drift_correction and segments >= 2 and n:
+            locs, drift = self._drift_corrected(locs, last, segments)
+            meta.update(drift_corrected="true", drift_x_nm=f"{drift[0]:.2f}",
+                        drift_y_nm=f"{drift[1]:.2f}")
         fn = histogram if self.node.method == "histogram" else gaussian
         image = np.asarray(fn(locs, self.node.pixel_nm, self._field_nm), dtype=np.float32)
         self.renders += 1
         self.emit(frame.replace(
             pixels=freeze(image), kind="render", pixel_size_um=self.node.pixel_nm / 1000.0,
-            metadata={"frames": str(self._frames), "localizations": str(n),
-                      "method": self.node.method, "pixel_nm": f"{self.node.pixel_nm:g}"},
-            source_ids=()).marked(self.name))
+            metadata=meta, source_ids=()).marked(self.name))
+
+    def _drift_corrected(self, locs: Any, n_frames: int, segments: int
+                         ) -> tuple[Any, tuple[float, float]]:
+        """RCC over the localizations so far; the corrected positions, and the drift at the
+        last frame (x, y nm). The estimate is appended to drift.jsonl."""
+        import json
+
+        from dimscope.smlm.drift import rcc
+
+        est = rcc(locs, n_frames=n_frames, n_segments=segments, extent_nm=self._field_nm)
+        self.drift_estimates += 1
+        record = {"frames": n_frames, "segments": segments,
+                  "segment_frames": est.segment_frames.round(1).tolist(),
+                  "segment_drift_nm": est.segment_drift_nm.round(2).tolist(),
+                  "drift_at_last_frame_nm": [round(float(est.dx_nm[-1]), 2),
+                                             round(float(est.dy_nm[-1]), 2)],
+                  "pairs_used": est.pairs_used, "pairs_total": est.pairs_total,
+                  "residual_rms_nm": round(est.residual_rms_nm, 2)}
+        with self.drift_log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return est.apply(locs), (float(est.dx_nm[-1]), float(est.dy_nm[-1]))
 
     def teardown(self) -> None:
         if self._last is not None and self.renders * self.node.every_frames < self._frames:
@@ -233,5 +272,6 @@ class RenderStage(Stage):
 
     def snapshot(self) -> dict[str, object]:
         snap = super().snapshot()
-        snap.update(renders=self.renders, frames=self._frames)
+        snap.update(renders=self.renders, frames=self._frames,
+                    drift_estimates=self.drift_estimates)
         return snap

@@ -76,6 +76,8 @@ class StageStats(_Report):
                                            "the localizer (its live rate = frames / this)")
     renders: int | None = Field(None, description="render: images made")
     frames: int | None = Field(None, description="render: frames the last render covers")
+    drift_estimates: int | None = Field(None, description="render: drift estimates applied "
+                                        "(drift.jsonl)")
 
 
 class EngineReport(_Report):
