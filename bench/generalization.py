@@ -93,9 +93,9 @@ def _hq_window(guide: str) -> int:
     return 1 if guide == "bm3d" else WINDOW
 
 
-def pool_files(fold: int | None, guide: str) -> list[Path]:
-    """The pool files of `fold`'s training sources (made here when missing: seconds per
-    sample), plus the simulated microscope's (twice as many)."""
+def pool_files(fold: int | None, guide: str, build: bool = True) -> list[Path]:
+    """The pool files of `fold`'s training sources (made here when missing and `build`:
+    seconds per sample), plus the simulated microscope's (twice as many)."""
     from dimscope.engines.training.clips import ClipSampler, movie_channels
     from dimscope.engines.training.guided import build_pool, save_pool
     from dimscope.engines.training.train import image_planes as training_planes
@@ -111,7 +111,7 @@ def pool_files(fold: int | None, guide: str) -> list[Path]:
         for chunk in range(chunks * (2 if kind == "sim" else 1)):
             out = POOL_DIR / f"{guide}_w{window}_{stem}_{chunk}.npz"
             files.append(out)
-            if out.exists():
+            if out.exists() or not build:
                 continue
             rng = np.random.default_rng(seed_of(guide, window, stem, chunk))
             clean_images = training_planes(path) if kind == "image" and path else []
@@ -129,12 +129,14 @@ def pool_files(fold: int | None, guide: str) -> list[Path]:
     return files
 
 
-def hq_train_command(fold: int | None, guide: str, steps: int = HQ_STEPS) -> list[str]:
+def hq_train_command(fold: int | None, guide: str, steps: int = HQ_STEPS,
+                     build: bool = True) -> list[str]:
+    """The training command (its pools made first when `build`)."""
     out = hq_model_path(fold, guide)
     version = f"1-fold{fold}" if fold is not None else "1"
     return [str(ROOT / ".venv" / "bin" / "dimscope"), "train", "denoise", "--guide", guide,
             "--window", str(_hq_window(guide)), "--pool-files",
-            *map(str, pool_files(fold, guide)), "--steps", str(steps), "--lr", "1e-3",
+            *map(str, pool_files(fold, guide, build)), "--steps", str(steps), "--lr", "1e-3",
             "--batch", "16", "--channels", str(HQ_CHANNELS), "--levels", "3",
             "--val-every", "500", "--name", "denoise_hq", "--version", version,
             "--out", str(out), "--checkpoint", str(out.with_suffix(".ckpt")), "-q"]
@@ -253,8 +255,30 @@ class Classical:
 
 
 class Model:
+    """A fold's model; `score` caches PSNRs by the model file's digest (slow hq models:
+    an evaluation interrupted or split over runs does not redo what it did)."""
+
+    CACHE_PATH = CACHE / "gen" / "model_scores.json"
+
     def __init__(self, path: Path, ensemble: bool = False) -> None:
+        from dimscope.engines.model_file import file_digest
+
         self.path, self.ensemble = path, ensemble
+        self.tag = f"{path.name}@{file_digest(path)}{'+ens' if ensemble else ''}"
+        self._cache: dict[str, float] = (json.loads(self.CACHE_PATH.read_text())
+                                         if self.CACHE_PATH.exists() else {})
+
+    def score(self, key: str, truth: np.ndarray, frames: list[np.ndarray],
+              cal: CameraCalibration) -> float:
+        full = f"{self.tag}|{key}|{len(frames)}"
+        if full not in self._cache:
+            self._cache[full] = psnr(truth, self.run(frames, cal))
+            if self.CACHE_PATH.exists():  # merge what another run added meanwhile
+                self._cache = {**json.loads(self.CACHE_PATH.read_text()), **self._cache}
+            tmp = self.CACHE_PATH.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._cache, indent=0, sort_keys=True))
+            tmp.replace(self.CACHE_PATH)
+        return self._cache[full]
 
     def run(self, frames: list[np.ndarray], cal: CameraCalibration) -> np.ndarray:
         engine = make_engine("model", model=str(self.path), runtime="openvino",
@@ -273,7 +297,7 @@ def evaluate_fold(fold: int, photons: list[float], classical: Classical, model: 
                   single: Model | None = None) -> list[dict]:
     """Rows for `fold`'s datasets; `model` restores time-lapse frames from their causal
     window, `single` (default: `model`) restores still images and frames alone."""
-    single = single or model
+    single = single if single is not None else model
     rows: list[dict] = []
     for ds in (d for d in lodo.DATASETS if d.fold == fold):
         if ds.kind == "movie":
@@ -291,9 +315,10 @@ def evaluate_fold(fold: int, photons: list[float], classical: Classical, model: 
                                "bm3d": classical.get(key, "bm3d", window[-1:], truth[t], CAMERA),
                                "bm4d": classical.get(key, "bm4d", window, truth[t], CAMERA)}
                         if model is not None and single is not None:
-                            row["model_single"] = psnr(truth[t], single.run(window[-1:], CAMERA))
+                            row["model_single"] = single.score(key, truth[t], window[-1:],
+                                                               CAMERA)
                             row["model"] = (row["model_single"] if model is single else
-                                            psnr(truth[t], model.run(window, CAMERA)))
+                                            model.score(key, truth[t], window, CAMERA))
                         rows.append(row)
                         print(json.dumps(row), flush=True)
         elif ds.kind == "image":
@@ -305,7 +330,7 @@ def evaluate_fold(fold: int, photons: list[float], classical: Classical, model: 
                            "photons": p, "raw": psnr(truth, noisy),
                            "bm3d": classical.get(key, "bm3d", [noisy], truth, CAMERA)}
                     if single is not None:
-                        row["model"] = psnr(truth, single.run([noisy], CAMERA))
+                        row["model"] = single.score(key, truth, [noisy], CAMERA)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         else:  # real pairs: real noise, noise model estimated from the low image
@@ -325,7 +350,8 @@ def evaluate_fold(fold: int, photons: list[float], classical: Classical, model: 
                            "bm3d": classical.get(f"{name}@{side_image}", "bm3d", [lo_img],
                                                  hi_img, cal)}
                     if single is not None:
-                        row["model"] = psnr(hi_img, single.run([lo_img], cal))
+                        row["model"] = single.score(f"{name}@{side_image}", hi_img, [lo_img],
+                                                    cal)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     classical.save()
@@ -458,16 +484,19 @@ def main() -> int:
             paths = {g: hq_model_path(fold, g) for g in args.guides}
             for g, path in paths.items():
                 if not path.exists():
-                    cmd = hq_train_command(fold, g)
-                    print("fold model missing; train it with:\n  " + " ".join(cmd))
+                    cmd = hq_train_command(fold, g, build=args.train)
+                    print("fold model missing; train it with (its pools are made by "
+                          "--train):\n  " + " ".join(cmd))
                     if not args.train:
                         return 1
                     subprocess.run(cmd, check=True)
             models = {g: Model(p, ensemble=True) for g, p in paths.items()}
-            single = models.get("bm3d")
-            rows += evaluate_fold(fold, args.photons, classical, models.get("bm4d", single),
-                                  args.side_movie, args.side_image, args.frames_per_movie,
-                                  single)
+            if "bm3d" not in models:
+                print("--family hq needs the bm3d-guided model (stills, frames alone)")
+                return 2
+            rows += evaluate_fold(fold, args.photons, classical,
+                                  models.get("bm4d", models["bm3d"]), args.side_movie,
+                                  args.side_image, args.frames_per_movie, models["bm3d"])
             continue
         if not args.classical_only:
             path = model_path(fold)

@@ -284,9 +284,9 @@ def add_enhance_parser(sub: Any) -> None:
     e.add_argument("input", type=Path, help="TIFF/OME-TIFF: (Y,X), (T,Y,X) or (T,C,Y,X)")
     e.add_argument("output", type=Path, help="output TIFF (float32, one frame per frame in)")
     e.add_argument("--engine", default="denoise",
-                   help="denoise (default), sr2, denoise_hq (stills) or denoise_hq_t5 "
-                        "(time-lapses): the slower quality models, bm3d, bm4d, vst_gaussian, "
-                        "identity, model, or none (interpolate the raw frames)")
+                   help="denoise (default), sr2, denoise_hq (the slower quality model: BM3D "
+                        "refined by a network), bm3d, bm4d, vst_gaussian, identity, model, "
+                        "or none (interpolate the raw frames)")
     e.add_argument("--model", default=None, help="model name or .onnx path (engine model)")
     e.add_argument("--runtime", default=None, help="runtime for model engines (default auto)")
     e.add_argument("--interpolate", type=int, default=1, choices=[1, 2, 3, 4, 8],

@@ -358,6 +358,9 @@ class LocalizeNodeConfig(_NodeConfig):
     psf_sigma_nm: float = Field(130.0, gt=0, description="start width of the Gaussian PSF")
     roisize: int = Field(7, ge=5, description="fit box, pixels (odd)")
     cutoff: float = Field(1.7, gt=0, description="detection: dynamic cutoff factor")
+    queue_mb: int = Field(
+        1024, ge=16, description="the queue's frames at most hold this much memory (a large "
+        "camera gets fewer than queue_frames)")
     block_frames: int = Field(50, ge=1, description="close and publish a block of "
                               "localizations at least every N frames")
     edge_em_iterations: int = Field(
@@ -366,6 +369,13 @@ class LocalizeNodeConfig(_NodeConfig):
     threads: int = Field(0, ge=0, description="fit threads; 0: one per core")
     table: str = Field("localizations.arrows", pattern=r"^[A-Za-z0-9_.-]+\.arrows$",
                        description="the table's file name in the run folder")
+
+    @field_validator("roisize")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"roisize must be odd (the fit box has a centre pixel), got {value}")
+        return value
 
 
 class RenderNodeConfig(_NodeConfig):
@@ -428,7 +438,7 @@ def check_endpoint(address: str, *, bind: bool) -> None:
 
 
 #: engines whose options take `allow_unverified` (they load a model file)
-MODEL_ENGINES = ("denoise", "sr2", "model")
+MODEL_ENGINES = ("denoise", "sr2", "transfer", "denoise_hq", "model")
 
 
 def with_overrides(config: Config, *, engine: str | None = None,
@@ -537,6 +547,10 @@ class Config(StrictModel):
             if node.upstream not in known:
                 raise ValueError(f"{where}: upstream {node.upstream!r} is not an earlier node "
                                  f"(declared so far: {', '.join(sorted(known))})")
+            if isinstance(node, LocalizeNodeConfig) and node.upstream != "acquisition":
+                raise ValueError(f"{where}: a localize node takes the raw frames (camera "
+                                 f"units, every frame in order): its upstream must be "
+                                 f"'acquisition', not {node.upstream!r}")
             if isinstance(node, RenderNodeConfig) and not any(
                     isinstance(n, LocalizeNodeConfig) and n.name == node.upstream
                     for n in self.stages[:i]):

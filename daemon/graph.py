@@ -166,13 +166,20 @@ def _trust_log(node: Any, ctx: BuildContext) -> Stage:
 
 
 def _localize(node: LocalizeNodeConfig, ctx: BuildContext) -> Stage:
+    # A queue of frames shares their pixels with the archive while queued: bounded in bytes
+    # too, so a large camera does not hold gigabytes.
+    frame_bytes = int(np.prod(ctx.frame_shape)) * ctx.frame_dtype.itemsize
+    capacity = max(16, min(node.queue_frames, node.queue_mb * 2**20 // max(frame_bytes, 1)))
     try:
         from .localize_stage import LocalizeStage
 
-        return LocalizeStage(node, ctx.run_dir, ctx.pixel_size_um, ctx.calibration)
+        return LocalizeStage(node.model_copy(update={"queue_frames": capacity}), ctx.run_dir,
+                             ctx.pixel_size_um, ctx.calibration)
     except ImportError as exc:  # smappy or pyarrow absent
         raise EngineError(f"node {node.name!r} needs the smlm extra (pip install "
                           f"'dimscope[smlm]'): {exc}") from None
+    except ValueError as exc:  # a setting the localizer refuses
+        raise EngineError(f"node {node.name!r}: {exc}") from None
 
 
 def _render(node: RenderNodeConfig, ctx: BuildContext) -> Stage:

@@ -5,8 +5,8 @@
 localizations of a frame range, `[localize] block_frames` frames at most — is
 
 - appended to the crash-safe table in the run folder (`localizations.arrows`: an Arrow IPC
-  stream, one fsynced batch per block; `dimscope recover` and `dimscope smlm recover` make a
-  killed run's table valid again), and
+  stream, one fsynced batch per block; after a crash `dimscope recover RUN` writes a valid
+  copy up to the last complete block, `dimscope smlm recover` repairs the file in place), and
 - passed downstream as a frame of kind `localizations` whose payload is that block as a
   self-contained Arrow IPC stream (`smlm.table.block_from_ipc` reads it; docs/wire-format.md).
 
@@ -16,17 +16,18 @@ queued frame costs only its pixels, which the archive shares), so localization f
 burst and catches up. If it overflows, the oldest frames are dropped from localization only
 — never from the raw archive: the open block is closed before the gap, a new block starts
 after it, and the dropped frame ids are counted (`not_localized`) and listed in the run
-summary, so the table says exactly which frames it lacks and `dimscope smlm localize` on the
-raw archive can fill them. The lag (frames waiting) is a metric.
+summary, so the table says exactly which frames it lacks (the raw archive has them all, for
+an offline `dimscope smlm localize`). The lag (frames waiting) is a metric.
 
 `RenderStage` (node kind `render`, upstream: a localize node) accumulates the positions and
 emits a super-resolution image (histogram or Gaussian, `pixel_nm` per pixel) every
 `every_frames` frames and at the end of the run: frames of kind `render`. With
 `drift_correction` (default) each render first estimates the drift so far by redundant
 cross-correlation of `drift_segment_frames`-frame sub-renders (`smlm.drift.rcc`, once there
-are two segments) and renders the corrected positions; every estimate applied is appended
-to `drift.jsonl` in the run folder (frames, per-segment drift, the drift at the last frame,
-RCC's residual), and the render's header says what was subtracted. The table keeps the
+are two segments; at most 16, longer runs get longer segments) and renders the corrected
+positions; every estimate applied is appended to `drift.jsonl` in the run folder (frames,
+per-segment drift, the drift at the last frame, RCC's residual), and the render's header
+says what was subtracted. The table keeps the
 uncorrected positions.
 """
 
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 _MAX_LISTED = 10_000
 #: at most this many queued frames are pushed to the localizer in one call
 _BATCH = 64
+#: RCC drift segments at most (every pair is cross-correlated at each render)
+_MAX_SEGMENTS = 16
 
 
 class LocalizeStage(Stage):
@@ -60,7 +63,10 @@ class LocalizeStage(Stage):
     def __init__(self, node: LocalizeNodeConfig, run_dir: Path, pixel_size_um: float,
                  calibration: CameraCalibration) -> None:
         super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
-        from dimscope.smlm.localize import LocalizerSettings
+        # Imported and built here, so a missing smlm extra or a bad setting is an EngineError
+        # at graph building ("node not running"), never a crash when the run starts.
+        from dimscope.smlm.localize import LocalizerSettings, SmappyLocalizer
+        from dimscope.smlm.table import LocTableWriter
 
         self.node = node
         self.path = run_dir / node.table
@@ -73,7 +79,8 @@ class LocalizeStage(Stage):
             read_noise_e=calibration.read_noise_e, roisize=node.roisize, cutoff=node.cutoff,
             flush_frames=node.block_frames, edge_em_iterations=node.edge_em_iterations,
             threads=node.threads)
-        self._localizer: Any = None
+        self._localizer: Any = SmappyLocalizer(self.settings)
+        self._writer_class = LocTableWriter
         self._writer: Any = None
         self._schema: Any = None
         self._last: Frame | None = None
@@ -88,18 +95,19 @@ class LocalizeStage(Stage):
 
     def setup(self) -> None:
         from dimscope.smlm.block import OPTIONAL
-        from dimscope.smlm.localize import SmappyLocalizer
-        from dimscope.smlm.table import LocTableWriter
 
-        self._localizer = SmappyLocalizer(self.settings)
-        columns = [c for c in OPTIONAL if c in SmappyLocalizer.columns]
+        columns = [c for c in OPTIONAL if c in self._localizer.columns]
         meta = {**self._localizer.metadata(), "source": "live", "pixel_nm": self.pixel_nm,
                 "camera_calibrated": self.calibrated}
         if not self.calibrated:
             log.warning("%s: the camera is not calibrated (no [camera] gain/offset and none "
                         "from the source): photons, background and precision assume gain 1, "
                         "offset 0", self.name)
-        self._writer = LocTableWriter(self.path, columns, meta)
+        if self.pixel_nm > 400:  # SMLM cameras sample at ~65-160 nm
+            log.warning("%s: the camera pixel is %.0f nm in the sample — is the core's pixel "
+                        "size (or [source] pixel_size_um) set? Positions and the PSF width "
+                        "(%.0f nm) assume it", self.name, self.pixel_nm, self.node.psf_sigma_nm)
+        self._writer = self._writer_class(self.path, columns, meta)
         self._schema = self._writer.schema
 
     def process(self, frame: Frame) -> None:
@@ -121,8 +129,9 @@ class LocalizeStage(Stage):
         pixels = run[0].pixels[None] if len(run) == 1 else np.stack([f.pixels for f in run])
         blocks = self._localizer.push(pixels, first_frame=run[0].frame_id)
         self.frames_localized += len(run)
-        for block in blocks:
-            self._publish(block, run[-1])
+        for block in blocks:  # each published as of the frame that closed it
+            closing = block.frame_stop - 1 - run[0].frame_id
+            self._publish(block, run[closing] if 0 <= closing < len(run) else run[-1])
 
     def _record_skipped(self, skipped: list[int]) -> None:
         if not skipped:
@@ -131,9 +140,9 @@ class LocalizeStage(Stage):
             self.not_localized += len(skipped)
             room = _MAX_LISTED - len(self.not_localized_ids)
             self.not_localized_ids += skipped[:max(room, 0)]
-        log.error("%s: %d frame(s) dropped from live localization (the raw archive has them; "
-                  "`dimscope smlm localize` fills the table's gap): ids %s", self.name,
-                  len(skipped), skipped[:10])
+        log.error("%s: %d frame(s) dropped from live localization (the raw archive has "
+                  "them; the table leaves their gap): ids %s", self.name, len(skipped),
+                  skipped[:10])
 
     def _restart(self) -> None:
         """A gap in the frames: close the open block before it, start a fresh localizer
@@ -161,22 +170,32 @@ class LocalizeStage(Stage):
                       "camera_shape": "x".join(map(str, frame.shape[-2:]))}).marked(self.name))
 
     def teardown(self) -> None:
-        self._record_skipped(self.take_skipped())  # dropped after the last frame localized
+        # Dropped after the last frame localized, and abandoned by a drain that timed out.
+        self._record_skipped(self.take_skipped() + list(self.abandoned_ids))
         try:
-            if self._localizer is not None and self._last is not None:
+            if self.error is None and self._last is not None:
                 for block in self._localizer.flush():
                     self._publish(block, self._last)
+        except Exception as exc:  # the run's shutdown goes on; the table keeps its blocks
+            log.error("%s: the last block could not be written: %s", self.name, exc)
         finally:
             if self._writer is not None:
-                self._writer.close()
+                try:
+                    self._writer.close()
+                except OSError as exc:
+                    log.error("%s: closing %s failed: %s (`dimscope recover` copies its "
+                              "complete blocks)", self.name, self.path, exc)
 
     def snapshot(self) -> dict[str, object]:
         snap = super().snapshot()
         with self._lock:
             ids = list(self.not_localized_ids)
         busy = self._seconds_done + (self._localizer.seconds if self._localizer else 0.0)
+        # Every frame the queue dropped or a timed-out drain abandoned is in counters.dropped
+        # (the id list may be shorter: the first ids only).
         snap.update(lag_frames=self.depth, localizations=self.localizations,
-                    frames_localized=self.frames_localized, not_localized=self.not_localized,
+                    frames_localized=self.frames_localized,
+                    not_localized=max(self.not_localized, self.counters.dropped),
                     not_localized_ids=ids, table=str(self.path), localize_seconds=busy)
         return snap
 
@@ -197,6 +216,7 @@ class RenderStage(Stage):
         self._next_render = node.every_frames
         self._field_nm: tuple[float, float] | None = None
         self._last: Frame | None = None
+        self._rendered_frames = -1  # frames covered by the last render
         self.renders = 0
 
     def process(self, frame: Frame) -> None:
@@ -213,7 +233,8 @@ class RenderStage(Stage):
         self._precision.append(np.asarray(block["precision_nm"]))
         self._frames += block.frame_stop - block.frame_start
         self._last = frame
-        if self._frames >= self._next_render:
+        # Behind (more blocks queued)? Take them first: a render is of everything so far.
+        if self._frames >= self._next_render and self.depth == 0:
             self._render(frame)
             while self._next_render <= self._frames:
                 self._next_render += self.node.every_frames
@@ -233,7 +254,8 @@ class RenderStage(Stage):
         meta = {"frames": str(self._frames), "localizations": str(n),
                 "method": self.node.method, "pixel_nm": f"{self.node.pixel_nm:g}",
                 "drift_corrected": "false"}
-        segments = last // self.node.drift_segment_frames
+        # At most 16 segments (RCC correlates every pair): longer runs get longer segments.
+        segments = min(last // self.node.drift_segment_frames, _MAX_SEGMENTS)
         if self.node.drift_correction and segments >= 2 and n:
             locs, drift = self._drift_corrected(locs, last, segments)
             meta.update(drift_corrected="true", drift_x_nm=f"{drift[0]:.2f}",
@@ -241,6 +263,7 @@ class RenderStage(Stage):
         fn = histogram if self.node.method == "histogram" else gaussian
         image = np.asarray(fn(locs, self.node.pixel_nm, self._field_nm), dtype=np.float32)
         self.renders += 1
+        self._rendered_frames = self._frames
         self.emit(frame.replace(
             pixels=freeze(image), kind="render", pixel_size_um=self.node.pixel_nm / 1000.0,
             metadata=meta, source_ids=()).marked(self.name))
@@ -267,8 +290,12 @@ class RenderStage(Stage):
         return est.apply(locs), (float(est.dx_nm[-1]), float(est.dy_nm[-1]))
 
     def teardown(self) -> None:
-        if self._last is not None and self.renders * self.node.every_frames < self._frames:
-            self._render(self._last)  # the whole run, once more at the end
+        if self.error is None and self._last is not None and \
+                self._rendered_frames < self._frames:
+            try:
+                self._render(self._last)  # the whole run, once more at the end
+            except Exception as exc:  # the run's shutdown goes on
+                log.error("%s: the final render failed: %s", self.name, exc)
 
     def snapshot(self) -> dict[str, object]:
         snap = super().snapshot()

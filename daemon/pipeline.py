@@ -289,8 +289,11 @@ class Pipeline:
         # Upstream first: archive and engine drain into publishers that are still up.
         drain_s = self.config.archive.drain_timeout_s
         for stage in self.stages:
-            stage.stop(drain_s if stage.name == "archive" else
-                       stage.drain_timeout_s or _OTHER_DRAIN_S)
+            try:
+                stage.stop(drain_s if stage.name == "archive" else
+                           stage.drain_timeout_s or _OTHER_DRAIN_S)
+            except Exception:  # one stage's teardown must not leave the others running
+                log.exception("stopping stage %s failed", stage.name)
         if self.socket is not None:
             self.socket.close()
             self.socket = None

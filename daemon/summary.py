@@ -75,7 +75,8 @@ class StageStats(_Report):
     localize_seconds: float | None = Field(None, description="localize: time spent inside "
                                            "the localizer (its live rate = frames / this)")
     renders: int | None = Field(None, description="render: images made")
-    frames: int | None = Field(None, description="render: frames the last render covers")
+    frames: int | None = Field(None, description="render: frames covered by the "
+                               "localizations received so far")
     drift_estimates: int | None = Field(None, description="render: drift estimates applied "
                                         "(drift.jsonl)")
 

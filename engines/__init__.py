@@ -23,13 +23,10 @@ _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     # Trained models: same engine, different shipped model file (option `model`).
     "denoise": ("dimscope.engines.model_engine:ModelEngine", {"model": "denoise"}),
     "sr2": ("dimscope.engines.model_engine:ModelEngine", {"model": "sr2"}),
-    # Offline quality models (seconds per frame: `enhance`, evaluation): a network refining
-    # BM3D+VST of each frame, or BM4D+VST over the causal 5-frame window, averaged over
-    # rotations/flips.
+    # The offline quality model (seconds per frame: `enhance`, evaluation): a network
+    # refining BM3D+VST of each frame, averaged over rotations/flips.
     "denoise_hq": ("dimscope.engines.model_engine:ModelEngine",
                    {"model": "denoise_hq", "ensemble": True}),
-    "denoise_hq_t5": ("dimscope.engines.model_engine:ModelEngine",
-                      {"model": "denoise_hq_t5", "ensemble": True}),
     # Cross-modality transfer (widefield -> confocal-like by default; options.model names
     # one trained with `dimscope train transfer`).
     "transfer": ("dimscope.engines.model_engine:ModelEngine", {"model": "transfer"}),

@@ -49,6 +49,9 @@ class ModelOptions(EngineOptions):
     allow_unverified: bool = Field(
         False, description="load the model even when its weights do not match the SHA-256 "
         "its card records (every frame then says verified: false); --allow-unverified-model")
+    ensemble: bool = Field(
+        False, description="average the network over rotations/flips of its input (8x its "
+        "time; on by default for the offline quality model denoise_hq)")
 
 
 class InterpolatorOptions(EngineOptions):
@@ -84,6 +87,7 @@ ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
     "denoise": ModelOptions,
     "sr2": ModelOptions,
     "transfer": ModelOptions,
+    "denoise_hq": ModelOptions,
     "model": ModelOptions,
 }
 

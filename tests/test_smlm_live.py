@@ -166,10 +166,30 @@ def test_a_localize_queue_overflow_leaves_a_named_gap_and_archives_everything(
     assert sorted(np.flatnonzero(~covered).tolist()) == sorted(loc["not_localized_ids"])
 
 
-def test_a_render_node_must_follow_a_localize_node(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="render node takes localizations"):
-        make_config(tmp_path, stages=[{"kind": "render", "name": "render",
-                                       "upstream": "engine"}])
+@pytest.mark.parametrize(("nodes", "problem"), [
+    ([{"kind": "render", "name": "render", "upstream": "engine"}],
+     "render node takes localizations"),
+    ([{"kind": "localize", "name": "localize", "upstream": "engine"}],
+     "its upstream must be 'acquisition'"),
+    ([{"kind": "localize", "name": "localize", "roisize": 6}], "roisize must be odd"),
+])
+def test_a_badly_declared_smlm_graph_is_a_config_error(tmp_path: Path,
+                                                      nodes: list[dict[str, object]],
+                                                      problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        make_config(tmp_path, stages=nodes)
+
+
+def test_renders_more_often_than_blocks_are_never_repeated(
+        tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
+    path, sim, _ = recording
+    nodes = stages(every=20)  # blocks of 50 frames: a render per block, none twice
+    cfg = make_config(tmp_path, source=source(path, sim, 800.0), stages=nodes,
+                      engine={"name": "identity"}, trust={"enabled": False},
+                      camera=camera(sim))
+    _, messages = run_and_record(cfg, 2.0, ["render"])
+    covered = [int(h["smlm"]["frames"]) for t, h, _ in messages if t == "render"]
+    assert covered == sorted(set(covered)) and covered[-1] == FRAMES
 
 
 def test_sigkill_mid_run_recovers_the_raw_frames_and_the_table(

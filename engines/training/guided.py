@@ -92,6 +92,12 @@ def save_pool(path: Path, inputs: np.ndarray, targets: np.ndarray, guide: Guide,
     tmp.replace(path)
 
 
+def pool_source(path: Path) -> tuple[str, int]:
+    """(what a saved pool was made from, how many samples it holds)."""
+    with np.load(path) as data:
+        return str(data["source"]), len(data["targets"])
+
+
 def load_pools(paths: list[Path], guide: Guide, window: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated pools; ValueError naming the file if one was made for another model."""

@@ -37,7 +37,15 @@ from ..pairs.simulate import TRAIN_CLASSES
 from .clips import tif_files
 from .crappify import make_crappifier
 from .export import export_onnx
-from .guided import Guide, GuidedBatches, build_pool, intensity_weights, load_pools, save_pool
+from .guided import (
+    Guide,
+    GuidedBatches,
+    build_pool,
+    intensity_weights,
+    load_pools,
+    pool_source,
+    save_pool,
+)
 from .transfer import TransferSampler, ssim_loss
 
 log = logging.getLogger(__name__)
@@ -242,18 +250,20 @@ def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator
                                      settings.window)
     else:
         saved = out.with_suffix(".pool.npz")
-        if saved.is_file():
+        source = " ".join(settings.data + settings.movies) or "simulated"
+        if saved.is_file() and pool_source(saved) == (source, settings.pool):
             inputs, targets = load_pools([saved], guide, settings.window)
         else:
+            saved.unlink(missing_ok=True)  # made from other data: make it again
             movies = [m for f in tif_files(settings.movies) for m in movie_channels(f)]
             clips = ClipSampler(settings.window, settings.patch, 1,
                                 collect_images(settings.data), movies, rng,
                                 sim_fraction=settings.sim_fraction)
             log.info("making %d %s-guided samples (seconds each)", settings.pool, guide)
             inputs, targets = build_pool(clips, settings.pool, guide, rng)
-            save_pool(saved, inputs, targets, guide, settings.window,
-                      " ".join(settings.data + settings.movies) or "simulated")
-    order = rng.permutation(len(inputs))
+            save_pool(saved, inputs, targets, guide, settings.window, source)
+    # A fixed order (not the training rng's): the same samples are held out on a resume.
+    order = np.random.default_rng(len(inputs)).permutation(len(inputs))
     return GuidedBatches(inputs[order], targets[order], settings.batch, rng)
 
 
