@@ -40,6 +40,7 @@ from .export import export_onnx
 from .guided import (
     Guide,
     GuidedBatches,
+    PoolCamera,
     build_pool,
     intensity_weights,
     load_pools,
@@ -566,6 +567,8 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
                   "steps": step, "final_loss": running, "val_psnr": val_psnr,
                   "seconds_this_session": round(time.monotonic() - started, 1),
                   "torch": torch.__version__,
+                  # guided pools: the cameras their samples were degraded with
+                  **({"pool_camera": asdict(PoolCamera())} if settings.guide else {}),
                   "date": time.strftime("%Y-%m-%d"),
                   # how the starting point was made, so the card tells the whole recipe
                   **({"fine_tuned_from": {"version": init_card.version,
