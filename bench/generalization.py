@@ -24,7 +24,8 @@ Two model families (`--family`):
   pool is the union of its training sources' files). Still images and the
   "frame alone" column use the BM3D-guided model; time-lapses the BM4D-guided
   temporal model where one was trained (`--guides bm3d bm4d`), else the BM3D-guided
-  one on the frame alone.
+  network given BM4D's estimate over the same causal 5-frame window as its guide
+  (`denoise_hq_t5`).
 
 Every method gets the same noise model (the camera's calibration where the
 degradation is ours). PSNR follows CSBDeep (affine fit to the normalised
@@ -260,11 +261,13 @@ class Model:
 
     CACHE_PATH = CACHE / "gen" / "model_scores.json"
 
-    def __init__(self, path: Path, ensemble: bool = False) -> None:
+    def __init__(self, path: Path, ensemble: bool = False, guide_window: int | None = None
+                 ) -> None:
         from dimscope.engines.model_file import file_digest
 
-        self.path, self.ensemble = path, ensemble
-        self.tag = f"{path.name}@{file_digest(path)}{'+ens' if ensemble else ''}"
+        self.path, self.ensemble, self.guide_window = path, ensemble, guide_window
+        self.tag = (f"{path.name}@{file_digest(path)}{'+ens' if ensemble else ''}"
+                    f"{f'+g{guide_window}' if guide_window else ''}")
         self._cache: dict[str, float] = (json.loads(self.CACHE_PATH.read_text())
                                          if self.CACHE_PATH.exists() else {})
 
@@ -281,8 +284,9 @@ class Model:
         return self._cache[full]
 
     def run(self, frames: list[np.ndarray], cal: CameraCalibration) -> np.ndarray:
+        extra = {"guide_window": self.guide_window} if self.guide_window else {}
         engine = make_engine("model", model=str(self.path), runtime="openvino",
-                             ensemble=self.ensemble)
+                             ensemble=self.ensemble, **extra)
         engine.prepare(frames[-1].shape, np.dtype(np.float32), cal)
         for f in frames[:-1]:  # context only: nobody needs these outputs
             engine.observe(f)
@@ -494,8 +498,9 @@ def main() -> int:
             if "bm3d" not in models:
                 print("--family hq needs the bm3d-guided model (stills, frames alone)")
                 return 2
-            rows += evaluate_fold(fold, args.photons, classical,
-                                  models.get("bm4d", models["bm3d"]), args.side_movie,
+            temporal = models.get("bm4d") or Model(paths["bm3d"], ensemble=True,
+                                                   guide_window=WINDOW)
+            rows += evaluate_fold(fold, args.photons, classical, temporal, args.side_movie,
                                   args.side_image, args.frames_per_movie, models["bm3d"])
             continue
         if not args.classical_only:

@@ -284,7 +284,8 @@ def add_enhance_parser(sub: Any) -> None:
     e.add_argument("input", type=Path, help="TIFF/OME-TIFF: (Y,X), (T,Y,X) or (T,C,Y,X)")
     e.add_argument("output", type=Path, help="output TIFF (float32, one frame per frame in)")
     e.add_argument("--engine", default="denoise",
-                   help="denoise (default), sr2, denoise_hq (the slower quality model: BM3D "
+                   help="denoise (default), sr2, denoise_hq / denoise_hq_t5 (the slower "
+                        "quality model: BM3D, or for time-lapses BM4D over the last 5 frames, "
                         "refined by a network), bm3d, bm4d, vst_gaussian, identity, model, "
                         "or none (interpolate the raw frames)")
     e.add_argument("--model", default=None, help="model name or .onnx path (engine model)")

@@ -438,7 +438,7 @@ def check_endpoint(address: str, *, bind: bool) -> None:
 
 
 #: engines whose options take `allow_unverified` (they load a model file)
-MODEL_ENGINES = ("denoise", "sr2", "transfer", "denoise_hq", "model")
+MODEL_ENGINES = ("denoise", "sr2", "transfer", "denoise_hq", "denoise_hq_t5", "model")
 
 
 def with_overrides(config: Config, *, engine: str | None = None,

@@ -24,9 +24,12 @@ _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     "denoise": ("dimscope.engines.model_engine:ModelEngine", {"model": "denoise"}),
     "sr2": ("dimscope.engines.model_engine:ModelEngine", {"model": "sr2"}),
     # The offline quality model (seconds per frame: `enhance`, evaluation): a network
-    # refining BM3D+VST of each frame, averaged over rotations/flips.
+    # refining BM3D+VST of each frame, averaged over rotations/flips; for time-lapses the
+    # same network refines BM4D+VST over the causal window of the last 5 frames.
     "denoise_hq": ("dimscope.engines.model_engine:ModelEngine",
                    {"model": "denoise_hq", "ensemble": True}),
+    "denoise_hq_t5": ("dimscope.engines.model_engine:ModelEngine",
+                      {"model": "denoise_hq", "ensemble": True, "guide_window": 5}),
     # Cross-modality transfer (widefield -> confocal-like by default; options.model names
     # one trained with `dimscope train transfer`).
     "transfer": ("dimscope.engines.model_engine:ModelEngine", {"model": "transfer"}),

@@ -22,8 +22,10 @@ frame's header names it.
 
 A guided model (the offline quality models: `card.guide`) refines a classical
 estimate: the engine runs BM3D+VST on the newest frame (or BM4D+VST over the same
-causal window) with the same noise model and passes it as one more input channel.
-Seconds per frame, so for `enhance` and evaluation, not a live tier.
+causal window) with the same noise model and passes it as one more input channel;
+`guide_window` K > 1 gives a BM3D-guided model BM4D's estimate over the causal window of
+the last K frames instead (time-lapses: `denoise_hq_t5`). Seconds per frame, so for
+`enhance` and evaluation, not a live tier.
 
 A transfer model's card carries its forward model (the blur fitted to its training
 pairs); `info` passes it on, with the note that its output is in another modality's
@@ -85,13 +87,15 @@ class ModelReplacement:
 class ModelEngine:
     def __init__(self, model: str | None = None, runtime: str = "auto", precision: str = "auto",
                  tile: int = 2048, halo: int = 32, allow_unverified: bool = False,
-                 ensemble: bool = False, **options: Any) -> None:
+                 ensemble: bool = False, guide_window: int | None = None,
+                 **options: Any) -> None:
         if model is None:
             raise EngineError("engine 'model' needs a model: set engine.options.model to a "
                               "shipped model name or an .onnx path (or pass --model)")
         if options:
             raise TypeError(f"model engine options: model, runtime, precision, tile, halo, "
-                            f"allow_unverified, ensemble; got unknown {sorted(options)}")
+                            f"allow_unverified, ensemble, guide_window; got unknown "
+                            f"{sorted(options)}")
         if runtime not in RUNTIME_CHOICES:
             raise EngineError(f"unknown runtime {runtime!r}; choose from "
                               f"{', '.join(RUNTIME_CHOICES)}")
@@ -122,7 +126,15 @@ class ModelEngine:
         #: the camera frame shape `prepare` was given
         self.frame_shape: tuple[int, ...] | None = None
         self.window = self.card.window
-        self.recent: deque[np.ndarray] = deque(maxlen=self.window)
+        if guide_window is not None and (self.card.guide is None or guide_window < 1):
+            raise EngineError(f"guide_window applies to guided models (>= 1); model "
+                              f"{self.path.name} has guide {self.card.guide}")
+        #: frames the classical guide sees: BM3D on the newest (1), or BM4D over a causal
+        #: window — the card's, or `guide_window` (a BM3D-guided network given BM4D's
+        #: better estimate of a time-lapse frame)
+        self.guide_window = guide_window or (1 if self.card.guide in (None, "bm3d")
+                                             else self.window)
+        self.recent: deque[np.ndarray] = deque(maxlen=max(self.window, self.guide_window))
         self.noise: CameraNoise | None = None
         self.info = EngineInfo(name=self.card.name, version=f"{self.card.version}+{self.digest}",
                                runtime="not loaded", precision=precision,
@@ -149,12 +161,8 @@ class ModelEngine:
         self.recent.clear()
         self.noise = CameraNoise(calibration) if isinstance(self.norm, VSTNorm) else None
         if self.card.guide is not None:
-            self.guide_library = classical_library(self._guide_window)
+            self.guide_library = classical_library(self.guide_window)
         self._set_info()
-
-    @property
-    def _guide_window(self) -> int:
-        return 1 if self.card.guide == "bm3d" else self.window
 
     def _set_info(self) -> None:
         noise = self.noise.model.describe() if self.noise and self.noise.model else ""
@@ -244,13 +252,13 @@ class ModelEngine:
         if noise is not before:
             self._set_info()
         frames = list(self.recent)
-        frames = [frames[0]] * (self.window - len(frames)) + frames
-        window = np.stack(frames)
+        span_needed = max(self.window, self.guide_window)
+        frames = [frames[0]] * (span_needed - len(frames)) + frames
         guide = None
         if self.guide_library is not None:
-            stable = noise.gat(window[-self._guide_window:])
+            stable = noise.gat(np.stack(frames[-self.guide_window:]))
             guide = noise.inverse_gat_unbiased(classical_estimate(self.guide_library, stable))
-        x, lo, span = norm.inputs(window, noise, guide)
+        x, lo, span = norm.inputs(np.stack(frames[-self.window:]), noise, guide)
         y = self._run(x)
         return norm.invert(y, noise, lo, span)
 

@@ -52,6 +52,9 @@ class ModelOptions(EngineOptions):
     ensemble: bool = Field(
         False, description="average the network over rotations/flips of its input (8x its "
         "time; on by default for the offline quality model denoise_hq)")
+    guide_window: int | None = Field(
+        None, ge=1, le=16, description="guided models: the classical guide sees this many "
+        "frames (BM4D over the causal window); denoise_hq_t5 sets 5")
 
 
 class InterpolatorOptions(EngineOptions):
@@ -88,6 +91,7 @@ ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
     "sr2": ModelOptions,
     "transfer": ModelOptions,
     "denoise_hq": ModelOptions,
+    "denoise_hq_t5": ModelOptions,
     "model": ModelOptions,
 }
 

@@ -141,3 +141,18 @@ def test_the_ensemble_turns_every_output_back(tmp_path: Path, shape: tuple[int, 
         e.prepare(shape, np.dtype(np.float32), CAM)
     frame = frames(1)[0][:shape[0], :shape[1]]
     assert np.allclose(engine.process(frame), classical.process(frame), rtol=1e-3, atol=0.05)
+
+
+def test_guide_window_gives_a_bm3d_guided_model_bm4d_over_the_causal_window(
+        tmp_path: Path) -> None:
+    """`guide_window` 3 on a BM3D-guided single-frame model: with a zero residual it must give
+    back exactly what the bm4d engine (window 3) gives, frame by frame."""
+    model = zero_residual_model(tmp_path / "hq.onnx", "bm3d", 1)
+    engine = make_engine("model", model=str(model), runtime="openvino", guide_window=3)
+    classical = make_engine("bm4d", window=3)
+    for e in (engine, classical):
+        e.prepare((48, 48), np.dtype(np.float32), CAM)
+    for f in frames(4):
+        assert np.allclose(engine.process(f), classical.process(f), rtol=1e-3, atol=0.05)
+    with pytest.raises(EngineError, match="guide_window applies to guided models"):
+        make_engine("denoise", guide_window=3)
