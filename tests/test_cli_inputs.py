@@ -24,7 +24,7 @@ def _bad(result: subprocess.CompletedProcess[str], *needles: str) -> None:
 
 
 @pytest.mark.parametrize(("toml", "needles"), [
-    ('[source]\nwidth = 64\n', ("source.kind", "'sim', 'mm' or 'replay'")),
+    ('[source]\nwidth = 64\n', ("source.kind", "'sim', 'mm', 'replay' or 'smlm_sim'")),
     ('[publish]\naddress = "tcp://127.0.0.1:70000"\n', ("publish.address", "1-65535")),
     ('[publish]\naddress = "127.0.0.1:5555"\n', ("publish.address", "tcp://")),
     ('[publish]\naddress = "tcp://no-such-host.invalid:5555"\n',
