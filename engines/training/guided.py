@@ -19,7 +19,6 @@ in those units under-weights the bright structures that decide PSNR.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,22 +29,16 @@ from ..base import CameraCalibration
 from ..bm3d_engine import classical_estimate, classical_library
 from ..noise_model import NoiseModel
 from ..normalize import VSTNorm
-from .clips import ClipSampler
+from .clips import CameraRanges, ClipSampler
 
 Guide = Literal["bm3d", "bm4d"]
 
 
-@dataclass(frozen=True, slots=True)
-class PoolCamera:
-    """The cameras pool samples are degraded with (one drawn per sample)."""
-
-    photons: tuple[float, float] = (3.0, 400.0)
-    read_noise_e: tuple[float, float] = (0.5, 3.0)
-    gain_adu_per_e: tuple[float, float] = (0.5, 4.0)
-    offset_adu: tuple[float, float] = (0.0, 400.0)
-    background: tuple[float, float] = (0.0, 0.05)
-    #: fraction of samples whose noise model is off by up to ~20 % (as if estimated)
-    perturbed: float = 0.3
+#: the cameras pool samples are degraded with (one drawn per sample): the clip sampler's,
+#: at 3-400 photons (the classical guide is too slow for the live range's extremes)
+POOL_CAMERA = CameraRanges(photons=(3.0, 400.0))
+#: fraction of pool samples whose noise model is off by up to ~20 % (as if estimated)
+POOL_PERTURBED = 0.3
 
 
 def guide_window(guide: Guide, window: int) -> int:
@@ -53,7 +46,7 @@ def guide_window(guide: Guide, window: int) -> int:
 
 
 def build_pool(sampler: ClipSampler, n: int, guide: Guide, rng: np.random.Generator,
-               camera: PoolCamera = PoolCamera()) -> tuple[np.ndarray, np.ndarray]:
+               camera: CameraRanges = POOL_CAMERA) -> tuple[np.ndarray, np.ndarray]:
     """`n` samples (inputs (n, C, P, P), targets (n, 1, P, P)) of clean clips from `sampler`,
     degraded by a random camera, with the classical guide computed as the engine does."""
     library = classical_library(guide_window(guide, sampler.window))
@@ -71,7 +64,7 @@ def build_pool(sampler: ClipSampler, n: int, guide: Guide, rng: np.random.Genera
         noisy = np.round(electrons * np.float32(gain) + np.float32(offset))
         target = relative[-1] * np.float32(photons * gain) + np.float32(offset)
         cal = CameraCalibration(gain, offset, read)
-        if rng.random() < camera.perturbed:
+        if rng.random() < POOL_PERTURBED:
             cal = CameraCalibration(gain * rng.uniform(0.85, 1.18), offset,
                                     read * rng.uniform(0.6, 1.6))
         noise = NoiseModel.from_calibration(cal)

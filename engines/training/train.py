@@ -38,9 +38,10 @@ from .clips import tif_files
 from .crappify import make_crappifier
 from .export import export_onnx
 from .guided import (
+    POOL_CAMERA,
+    POOL_PERTURBED,
     Guide,
     GuidedBatches,
-    PoolCamera,
     build_pool,
     intensity_weights,
     load_pools,
@@ -568,7 +569,8 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
                   "seconds_this_session": round(time.monotonic() - started, 1),
                   "torch": torch.__version__,
                   # guided pools: the cameras their samples were degraded with
-                  **({"pool_camera": asdict(PoolCamera())} if settings.guide else {}),
+                  **({"pool_camera": {**asdict(POOL_CAMERA), "perturbed": POOL_PERTURBED}}
+                     if settings.guide else {}),
                   "date": time.strftime("%Y-%m-%d"),
                   # how the starting point was made, so the card tells the whole recipe
                   **({"fine_tuned_from": {"version": init_card.version,
