@@ -363,6 +363,9 @@ class LocalizeNodeConfig(_NodeConfig):
         "camera gets fewer than queue_frames)")
     block_frames: int = Field(50, ge=1, description="close and publish a block of "
                               "localizations at least every N frames")
+    push_frames: int = Field(8, ge=1, le=64, description="frames handed to the localizer per "
+                             "call (frames wait for the stack to fill: fewer calls, the "
+                             "library's batch rate)")
     edge_em_iterations: int = Field(
         0, ge=0, description="EM refits of fits at the frame edge (accuracy at the edge for "
         "about a fifth of the rate; see README: Localization microscopy)")

@@ -10,14 +10,16 @@ localizations of a frame range, `[localize] block_frames` frames at most — is
 - passed downstream as a frame of kind `localizations` whose payload is that block as a
   self-contained Arrow IPC stream (`smlm.table.block_from_ipc` reads it; docs/wire-format.md).
 
-The localizer needs frames in order without gaps. Frames waiting in the queue are taken
-together and pushed as one stack (up to 64: fewer calls when behind). The queue is large (a
-queued frame costs only its pixels, which the archive shares), so localization falls behind a
-burst and catches up. If it overflows, the oldest frames are dropped from localization only
-— never from the raw archive: the open block is closed before the gap, a new block starts
-after it, and the dropped frame ids are counted (`not_localized`) and listed in the run
-summary, so the table says exactly which frames it lacks (the raw archive has them all, for
-an offline `dimscope smlm localize`). The lag (frames waiting) is a metric.
+The localizer needs frames in order without gaps. Frames are pushed in stacks of at least
+`push_frames` (8; more when more are queued, up to 64): pushing one frame per call cost a
+quarter of the localizer's rate here, and blocks close every `block_frames` frames anyway.
+The queue is large (a queued frame costs only its pixels, which the archive shares), so
+localization falls behind a burst and catches up. If it overflows, the oldest frames are
+dropped from localization only — never from the raw archive: the open block is closed before
+the gap, a new block starts after it, and the dropped frame ids are counted
+(`not_localized`) and listed in the run summary, so the table says exactly which frames it
+lacks (the raw archive has them all, for an offline `dimscope smlm localize`). The lag
+(frames waiting) is a metric.
 
 `RenderStage` (node kind `render`, upstream: a localize node) accumulates the positions and
 emits a super-resolution image (histogram or Gaussian, `pixel_nm` per pixel) every
@@ -84,6 +86,7 @@ class LocalizeStage(Stage):
         self._writer: Any = None
         self._schema: Any = None
         self._last: Frame | None = None
+        self._pending: list[Frame] = []  # taken from the queue, not yet pushed
         self._lock = threading.Lock()
         #: rows written, frames localized, frames the queue dropped (ids: `not_localized_ids`)
         self.localizations = 0
@@ -111,9 +114,15 @@ class LocalizeStage(Stage):
         self._schema = self._writer.schema
 
     def process(self, frame: Frame) -> None:
-        # Behind? Take what is queued too and push it as one stack: one call per batch
-        # instead of per frame.
-        frames = [frame, *self.take_queued(_BATCH - 1)]
+        # Frames go to the localizer in stacks of at least `push_frames` (with what else is
+        # queued, up to 64): one call per frame costs a quarter of its rate here, and a block
+        # closes only every `block_frames` frames anyway.
+        self._pending += [frame, *self.take_queued(_BATCH - 1)]
+        if len(self._pending) >= self.node.push_frames:
+            self._push_pending()
+
+    def _push_pending(self) -> None:
+        frames, self._pending = self._pending, []
         self._record_skipped(self.take_skipped())
         start = 0
         for i in range(1, len(frames) + 1):
@@ -173,6 +182,8 @@ class LocalizeStage(Stage):
         # Dropped after the last frame localized, and abandoned by a drain that timed out.
         self._record_skipped(self.take_skipped() + list(self.abandoned_ids))
         try:
+            if self.error is None and self._pending:
+                self._push_pending()
             if self.error is None and self._last is not None:
                 for block in self._localizer.flush():
                     self._publish(block, self._last)
@@ -193,7 +204,8 @@ class LocalizeStage(Stage):
         busy = self._seconds_done + (self._localizer.seconds if self._localizer else 0.0)
         # Every frame the queue dropped or a timed-out drain abandoned is in counters.dropped
         # (the id list may be shorter: the first ids only).
-        snap.update(lag_frames=self.depth, localizations=self.localizations,
+        snap.update(lag_frames=self.depth + len(self._pending),
+                    localizations=self.localizations,
                     frames_localized=self.frames_localized,
                     not_localized=max(self.not_localized, self.counters.dropped),
                     not_localized_ids=ids, table=str(self.path), localize_seconds=busy)
