@@ -73,6 +73,37 @@ class CameraRanges:
     background: tuple[float, float] = (0.0, 0.05)
 
 
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """A clean clip through one random camera: what it recorded (ADU), the clean newest
+    frame in the same units, and the calibration a model is given."""
+
+    noisy: np.ndarray
+    target: np.ndarray
+    calibration: CameraCalibration
+
+
+def expose(clip: np.ndarray, camera: CameraRanges, rng: np.random.Generator,
+           perturb_fraction: float) -> Exposure:
+    """Draw a camera from `camera` (photons log-uniform) and record `clip` with it: Poisson
+    shot noise, Gaussian read noise, gain, offset, rounding. With probability
+    `perturb_fraction` the calibration given is off by up to ~20 %, as if estimated."""
+    photons = float(np.exp(rng.uniform(*np.log(camera.photons))))
+    read = rng.uniform(*camera.read_noise_e)
+    gain = rng.uniform(*camera.gain_adu_per_e)
+    offset = rng.uniform(*camera.offset_adu)
+    relative = clip + np.float32(rng.uniform(*camera.background))
+    electrons = rng.poisson(relative * photons).astype(np.float32)
+    electrons += rng.normal(0.0, read, electrons.shape).astype(np.float32)
+    noisy = np.round(electrons * np.float32(gain) + np.float32(offset))
+    target = relative[-1] * np.float32(photons * gain) + np.float32(offset)
+    cal = CameraCalibration(gain, offset, read)
+    if rng.random() < perturb_fraction:
+        cal = CameraCalibration(gain * rng.uniform(0.85, 1.18), offset,
+                                read * rng.uniform(0.6, 1.6))
+    return Exposure(noisy, target, cal)
+
+
 class ClipSampler:
     """(inputs (B, K+1, P, P), target (B, 1, P, P)) batches; see the module docstring."""
 
@@ -165,24 +196,13 @@ class ClipSampler:
             present = 1
         elif r < self.single_fraction + 0.1 and self.window > 2:
             present = int(rng.integers(2, self.window + 1))
-        photons = float(np.exp(rng.uniform(*np.log(c.photons))))
-        read = rng.uniform(*c.read_noise_e)
-        gain = rng.uniform(*c.gain_adu_per_e)
-        offset = rng.uniform(*c.offset_adu)
-        relative = clip + np.float32(rng.uniform(*c.background))
-        electrons = rng.poisson(relative * photons).astype(np.float32)
-        electrons += rng.normal(0.0, read, electrons.shape).astype(np.float32)
-        noisy = np.round(electrons * np.float32(gain) + np.float32(offset))
+        shot = expose(clip, c, rng, self.perturb_fraction)
+        noisy = shot.noisy
         if present < self.window:
             noisy[: self.window - present] = noisy[self.window - present]
-        target = relative[-1] * np.float32(photons * gain) + np.float32(offset)
-        cal = CameraCalibration(gain, offset, read)
-        if rng.random() < self.perturb_fraction:  # as if estimated from the data
-            cal = CameraCalibration(gain * rng.uniform(0.85, 1.18), offset,
-                                    read * rng.uniform(0.6, 1.6))
-        noise = NoiseModel.from_calibration(cal)
+        noise = NoiseModel.from_calibration(shot.calibration)
         x, lo, span = self.norm.inputs(noisy, noise)
-        return x, self.norm.target(target, noise, lo, span)
+        return x, self.norm.target(shot.target, noise, lo, span)
 
     def batch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self.sample() for _ in range(self.batch_size)]

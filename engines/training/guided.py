@@ -25,11 +25,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..base import CameraCalibration
 from ..bm3d_engine import classical_estimate, classical_library
 from ..noise_model import NoiseModel
 from ..normalize import VSTNorm
-from .clips import CameraRanges, ClipSampler
+from .clips import CameraRanges, ClipSampler, expose
 
 Guide = Literal["bm3d", "bm4d"]
 
@@ -53,26 +52,13 @@ def build_pool(sampler: ClipSampler, n: int, guide: Guide, rng: np.random.Genera
     norm = VSTNorm()
     inputs, targets = [], []
     for _ in range(n):
-        clip = sampler.clean_clip()
-        photons = float(np.exp(rng.uniform(*np.log(camera.photons))))
-        read = rng.uniform(*camera.read_noise_e)
-        gain = rng.uniform(*camera.gain_adu_per_e)
-        offset = rng.uniform(*camera.offset_adu)
-        relative = clip + np.float32(rng.uniform(*camera.background))
-        electrons = rng.poisson(relative * photons).astype(np.float32)
-        electrons += rng.normal(0.0, read, relative.shape).astype(np.float32)
-        noisy = np.round(electrons * np.float32(gain) + np.float32(offset))
-        target = relative[-1] * np.float32(photons * gain) + np.float32(offset)
-        cal = CameraCalibration(gain, offset, read)
-        if rng.random() < POOL_PERTURBED:
-            cal = CameraCalibration(gain * rng.uniform(0.85, 1.18), offset,
-                                    read * rng.uniform(0.6, 1.6))
-        noise = NoiseModel.from_calibration(cal)
-        stable = noise.gat(noisy[-guide_window(guide, sampler.window):])
+        shot = expose(sampler.clean_clip(), camera, rng, POOL_PERTURBED)
+        noise = NoiseModel.from_calibration(shot.calibration)
+        stable = noise.gat(shot.noisy[-guide_window(guide, sampler.window):])
         estimate = noise.inverse_gat_unbiased(classical_estimate(library, stable))
-        x, lo, span = norm.inputs(noisy, noise, estimate)
+        x, lo, span = norm.inputs(shot.noisy, noise, estimate)
         inputs.append(x)
-        targets.append(norm.target(target, noise, lo, span)[None])
+        targets.append(norm.target(shot.target, noise, lo, span)[None])
     return np.stack(inputs), np.stack(targets)
 
 
