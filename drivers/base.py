@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -45,6 +47,28 @@ class FrameSource(Protocol):
     def open(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def paced(n: int | None, exposure_ms: Callable[[], float],
+          frame: Callable[[], Mapping[str, Any] | None]) -> Iterator[Mapping[str, Any]]:
+    """A Python camera's sequence: `frame()` (fill the next buffer, return its tags; None
+    once the source has run out) `n` times (None: until stopped), never faster than one
+    exposure per frame, as a real camera; a camera slower than its exposure gets no
+    catch-up burst afterwards."""
+    remaining = n if n is not None else -1
+    next_due = time.perf_counter()
+    while remaining != 0:
+        next_due += exposure_ms() / 1000.0
+        tags = frame()
+        if tags is None:
+            return
+        delay = next_due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            next_due = time.perf_counter()
+        yield tags
+        remaining -= 1
 
 
 def whole_frame_buffer_mb(buffer_mb: float, frame_bytes: int) -> float:

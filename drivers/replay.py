@@ -10,7 +10,6 @@ light level.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from pymmcore_plus.experimental.unicore import CameraDevice, UniMMCore
 
 from dimscope.engines.base import CameraCalibration
 
-from .base import SourceError, release_core, whole_frame_buffer_mb
+from .base import SourceError, paced, release_core, whole_frame_buffer_mb
 from .camera_noise import CameraNoise
 
 if TYPE_CHECKING:
@@ -91,16 +90,14 @@ class ReplayCamera(CameraDevice):
                        get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
                        ) -> Iterator[Mapping[str, Any]]:
         shape, dtype = self.shape(), self.dtype()
-        remaining = n if n is not None else -1
-        next_due = time.perf_counter()
         n_frames = self._stack.shape[0]
-        while remaining != 0:
+
+        def frame() -> Mapping[str, Any] | None:
             if self.position >= n_frames:
                 if not self._cfg.loop:
-                    return
+                    return None
                 self.position = 0
             index = self.position
-            next_due += self._exposure / 1000.0
             buf = get_buffer(shape, dtype)
             if self._noise is None:
                 buf[...] = self._stack[index]
@@ -108,14 +105,10 @@ class ReplayCamera(CameraDevice):
                 self._noise.expose(self.truth(index), read_noise_e=self._cfg.read_noise_e,
                                    gain_adu_per_e=self._cfg.gain_adu_per_e,
                                    offset_adu=self._cfg.offset_adu, bit_depth=16, out=buf)
-            delay = next_due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_due = time.perf_counter()
             self.position += 1
-            yield {"ReplayFrame": str(index), "ReplayFile": self._cfg.path.name}
-            remaining -= 1
+            return {"ReplayFrame": str(index), "ReplayFile": self._cfg.path.name}
+
+        return paced(n, self.get_exposure, frame)
 
 
 class ReplaySource:

@@ -32,7 +32,7 @@ from pymmcore_plus.experimental.unicore import (
 
 from dimscope.engines.base import CameraCalibration
 
-from .base import release_core, whole_frame_buffer_mb
+from .base import paced, release_core, whole_frame_buffer_mb
 from .camera_noise import CameraNoise
 from .specimen import Specimen, SpecimenState
 
@@ -180,22 +180,12 @@ class SimCamera(CameraDevice):
     def _frames(self, n: int | None, shape: tuple[int, int], dtype: DTypeLike,
                 get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
                 ) -> Iterator[Mapping[str, Any]]:
-        remaining = n if n is not None else -1
-        next_due = time.perf_counter()
-        while remaining != 0:
-            # A real camera cannot deliver frames faster than its exposure.
-            next_due += self._exposure / 1000.0
-            buf = get_buffer(shape, dtype)
-            meta = self._scope.capture(self._exposure, buf)
-            delay = next_due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                # Slower than the exposure: no catch-up burst afterwards.
-                next_due = time.perf_counter()
+        def frame() -> Mapping[str, Any]:
+            meta = self._scope.capture(self._exposure, get_buffer(shape, dtype))
             meta["Exposure-ms"] = f"{self._exposure:.4f}"
-            yield meta
-            remaining -= 1
+            return meta
+
+        return paced(n, self.get_exposure, frame)
 
 
 class SimLaser(ShutterDevice):

@@ -12,7 +12,6 @@ PALM/STORM set-up. `widefield()` renders one widefield frame of the unbleached l
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from pymmcore_plus.experimental.unicore import (
 
 from dimscope.engines.base import CameraCalibration
 
-from .base import SourceError, release_core, whole_frame_buffer_mb
+from .base import SourceError, paced, release_core, whole_frame_buffer_mb
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
@@ -62,19 +61,12 @@ class SMLMCamera(CameraDevice):
                        get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
                        ) -> Iterator[Mapping[str, Any]]:
         shape, dtype = self.shape(), self.dtype()
-        remaining = n if n is not None else -1
-        next_due = time.perf_counter()
-        while remaining != 0:
-            next_due += self._exposure / 1000.0
-            buf = get_buffer(shape, dtype)
-            index = self._source.render_into(buf)
-            delay = next_due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_due = time.perf_counter()  # slower than the exposure: no burst after
-            yield {"SMLMFrame": str(index), "Exposure-ms": f"{self._exposure:.4f}"}
-            remaining -= 1
+
+        def frame() -> Mapping[str, Any]:
+            index = self._source.render_into(get_buffer(shape, dtype))
+            return {"SMLMFrame": str(index), "Exposure-ms": f"{self._exposure:.4f}"}
+
+        return paced(n, self.get_exposure, frame)
 
 
 class ActivationLaser(ShutterDevice):
