@@ -1,15 +1,17 @@
 """Live localization in a running pipeline (issue 17, "Speed"): the simulated SMLM microscope
 (`smlm_sim` source: blinking labels on filaments, 128×128, ~30 emitting per frame, 1–5 k
 photons) runs at a set frame rate for a set time in a real core, while the raw archive, the
-`localize` node, a `render` node (every 500 frames) and both publishers run.
+`localize` node, a `render` node (every 500 frames), a `dense` node (the shipped sparse-to-dense
+model every 500 frames, with its error map — topic `trust` — and the ready rule, the
+widefield image being the running mean of the raw frames from a `mean` node) and their
+publishers run.
 
 Reported: frames acquired / archived / localized, frames left out by the localize queue, the
 lag when acquisition stopped and the most frames it ever had waiting, and the live rate —
 frames localized per second spent inside the localizer — against the library's own batch
 call (`smappy.fit`) and the same localizer run as a batch, both on the frames the run
 archived (read back from its OME-TIFF), in the same process. The localizer's settings are
-the node's defaults (edge padding, no edge EM refit). Not in this run, because not built
-yet: the dense (sparse-to-dense) network and its trust map.
+the node's defaults (edge padding, no edge EM refit).
 
     .venv/bin/python bench/smlm_live.py [--seconds 60] [--fps 200] [--batch-frames 3000]
     # writes results/smlm_live.{json,md}
@@ -45,7 +47,16 @@ def config(runs: Path, fps: float) -> Any:
               {"kind": "render", "name": "render", "upstream": "localize",
                "every_frames": 500},
               {"kind": "publish", "name": "publish_render", "upstream": "render",
-               "topic": "render"}]
+               "topic": "render"},
+              {"kind": "mean", "name": "raw_mean", "every_frames": 100},
+              {"kind": "dense", "name": "dense", "upstream": "localize",
+               "widefield": "raw_mean", "every_frames": 500},
+              {"kind": "publish", "name": "publish_dense", "upstream": "dense",
+               "topic": "dense", "kinds": ["dense"]},
+              {"kind": "publish", "name": "publish_trust", "upstream": "dense",
+               "topic": "trust", "kinds": ["error_map"]},
+              {"kind": "publish", "name": "publish_ready", "upstream": "dense",
+               "topic": "ready", "kinds": ["ready"]}]
     return parse_config({
         "source": {"kind": "smlm_sim", "width": 128, "height": 128, "fps": fps,
                    "emitters_per_frame": 30.0, "pixel_nm": cam.pixel_nm,
@@ -95,6 +106,10 @@ def main() -> int:
         "lag_frames_when_acquisition_stopped": before["lag_frames"],
         "lag_frames_max": loc["max_depth"], "lag_frames_end": loc["lag_frames"],
         "renders": summary["stages"]["render"]["renders"],
+        "dense_predictions": summary["stages"]["dense"]["predictions"],
+        "dense_seconds": summary["stages"]["dense"]["prediction_seconds"],
+        "error_maps_published": summary["stages"]["publish_trust"]["passed"],
+        "ready_at_frames": summary["stages"]["dense"]["ready_at_frames"],
         "published_localization_blocks": summary["stages"]["publish_localizations"]["passed"],
         "live_rate_fps": round(live_rate, 1), "same_localizer_batch_fps": round(same_batch, 1),
         "library_batch_fps": round(library, 1),

@@ -54,6 +54,8 @@ class FinishReason(enum.StrEnum):
     STOPPED = "stopped"
     #: an error stopped it (see the acquisition's `error`)
     ERROR = "error"
+    #: a localization run had enough frames (`[smlm] stop_when_ready` and the ready rule)
+    READY = "ready"
 
 
 class AcquisitionMode(enum.StrEnum):
@@ -127,6 +129,7 @@ class Acquisition:
         self.started_mono: float | None = None  # when the camera sequence started
         self.stop_requested_mono: float | None = None
         self.finish_reason: FinishReason | None = None
+        self._stop_reason: FinishReason | None = None
         #: frames still in the camera's buffer when an error stopped acquisition
         self.left_in_camera = 0
         self._pixel_size_um = 1.0
@@ -157,7 +160,10 @@ class Acquisition:
                                         daemon=True)
         self._thread.start()
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: FinishReason | None = None) -> None:
+        """Stop after the frame in hand; `reason` (default: stopped) is the finish reason."""
+        if reason is not None and self._stop_reason is None:
+            self._stop_reason = reason
         if self.stop_requested_mono is None:
             self.stop_requested_mono = time.monotonic()
         self._stop.set()
@@ -402,6 +408,8 @@ class Acquisition:
             time.sleep(self.poll_sleep_s)  # a busy spin would starve a Python camera
         if self.stop_requested_mono is None:
             self.stop_requested_mono = time.monotonic()
+        if reason is FinishReason.STOPPED and self._stop_reason is not None:
+            reason = self._stop_reason
         return reason
 
     @property

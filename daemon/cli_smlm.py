@@ -6,6 +6,7 @@
     smlm frc TABLE                            FRC resolution of the plain render
     smlm drift TABLE --out DRIFT.csv          RCC drift per frame (render/frc --drift apply it)
     smlm recover TABLE                        make a killed run's .arrows table valid again
+    smlm dense TABLE --widefield WF --out IMG dense prediction (+ --error-map, ready values)
 
 TABLE by extension: `.arrows` (dimscope's crash-safe Arrow IPC stream; `localize` appends one
 block at a time, so a killed `localize` leaves every finished block readable), `.csv`
@@ -265,10 +266,79 @@ def cmd_smlm_recover(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+# ----------------------------------------------------------------------------- dense
+def cmd_smlm_dense(args: argparse.Namespace) -> int:
+    """The sparse-to-dense prediction of a table, as the live `dense` node makes it."""
+    import numpy as np
+    import tifffile
+
+    from dimscope.engines import EngineError
+    from dimscope.smlm import errormap
+    from dimscope.smlm.dense import DensePredictor, first_frames
+    from dimscope.smlm.frc import frc
+
+    try:
+        locs, field = _load(args)
+        if args.frames is not None:
+            locs = first_frames(locs, args.frames)
+        wf = np.asarray(tifffile.imread(str(args.widefield)), np.float32)
+        averaged = 1
+        if wf.ndim == 3:  # raw frames: their mean is the widefield image
+            averaged = wf.shape[0]
+            wf = wf.mean(axis=0)
+        if wf.ndim != 2:
+            raise ValueError(f"--widefield {args.widefield}: expected a 2-D image or a "
+                             f"stack of frames, got shape {wf.shape}")
+        extent = (wf.shape[1] * args.camera_pixel_nm, wf.shape[0] * args.camera_pixel_nm)
+        if field is not None and (abs(field[0] - extent[0]) > args.camera_pixel_nm
+                                  or abs(field[1] - extent[1]) > args.camera_pixel_nm):
+            raise ValueError(f"--widefield is {wf.shape[1]}×{wf.shape[0]} pixels of "
+                             f"{args.camera_pixel_nm:g} nm = {extent[0]:.0f}×{extent[1]:.0f} "
+                             f"nm, but the table's field is {field[0]:.0f}×{field[1]:.0f} nm: "
+                             "the wrong image, or the wrong --camera-pixel-nm")
+        x, y = np.asarray(locs.x_nm), np.asarray(locs.y_nm)
+        outside = float(np.mean((x < 0) | (y < 0) | (x >= extent[0]) | (y >= extent[1]))
+                        ) if len(locs) else 0.0
+        if outside > 0.01:
+            raise ValueError(f"{outside:.0%} of the localizations fall outside the widefield "
+                             f"image's field ({extent[0]:.0f}×{extent[1]:.0f} nm): the wrong "
+                             "image, or the wrong --camera-pixel-nm")
+        predictor = DensePredictor(args.model, runtime=args.runtime,
+                                   allow_unverified=args.allow_unverified_model)
+        dense = predictor.predict(locs, wf, extent)
+        settings = errormap.ErrorMapSettings(gain_adu_per_e=args.gain, offset_adu=args.offset,
+                                             read_noise_e=args.read_noise,
+                                             flag_sigma=args.flag_sigma)
+        emap = errormap.compute(dense, wf, predictor.grid.render_pixel_nm,
+                                args.camera_pixel_nm, settings, frames_averaged=averaged)
+    except (ValueError, OSError, EngineError) as exc:
+        return _fail(str(exc))
+    px = predictor.grid.render_pixel_nm
+    tifffile.imwrite(str(args.out), dense, resolution=(1e7 / px, 1e7 / px),
+                     resolutionunit="CENTIMETER",
+                     metadata={"model": predictor.label, "localizations": len(locs)})
+    if args.error_map is not None:
+        tifffile.imwrite(str(args.error_map), emap.error_sigma)
+    frames = int(np.asarray(locs.frame).max()) + 1 if len(locs) else 0
+    resolution = (frc(locs, 10.0, 100, extent).resolution_nm if frames >= 200 else
+                  float("nan"))
+    report = {"model": predictor.label, "localizations": len(locs), "frames": frames,
+              "out": str(args.out), "frc_plain_render_nm": resolution, **emap.summary(),
+              "limit": errormap.LIMIT_NOTE}
+    print(json.dumps(report) if args.json else
+          f"dense image of {len(locs)} localizations ({frames} frames) by {predictor.label} "
+          f"→ {args.out}; error map flags {emap.flagged_fraction:.2%} of the field (fitted "
+          f"widefield PSF σ {emap.psf_sigma_nm:.0f} nm); FRC of the plain render "
+          f"{resolution:.1f} nm")
+    predictor.close()
+    return EXIT_OK
+
+
 def add_smlm_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add `smlm` and its subcommands to an `add_subparsers()` object; returns `smlm`'s parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "smlm", help="localization microscopy: simulate, localize, render, frc, drift, recover")
+        "smlm", help="localization microscopy: simulate, localize, render, frc, drift, dense, "
+        "recover")
     sub = p.add_subparsers(dest="smlm_command", required=True)
 
     s = sub.add_parser("simulate", help="simulated SMLM frames with their ground truth")
@@ -342,6 +412,25 @@ def add_smlm_commands(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--segments", type=int, default=8)
     d.add_argument("--pixel-nm", type=float, default=20.0)
     d.set_defaults(func=cmd_smlm_drift)
+
+    de = sub.add_parser("dense", help="sparse-to-dense prediction of a table, with its error "
+                                      "map against a widefield image")
+    table_args(de)
+    de.add_argument("--widefield", type=Path, required=True,
+                    help="widefield TIFF on the camera grid (ADU), or raw frames (their mean)")
+    de.add_argument("--out", type=Path, required=True, help="the dense image (.tif)")
+    de.add_argument("--error-map", type=Path, default=None, help="the error map (.tif)")
+    de.add_argument("--frames", type=int, default=None, help="use the first N frames only")
+    de.add_argument("--model", default="dense", help="shipped name or .onnx path")
+    de.add_argument("--runtime", default="cpu")
+    de.add_argument("--allow-unverified-model", action="store_true")
+    de.add_argument("--camera-pixel-nm", type=float, default=100.0)
+    de.add_argument("--gain", type=float, default=1.0, help="ADU per e⁻ (error map noise)")
+    de.add_argument("--offset", type=float, default=0.0, help="ADU")
+    de.add_argument("--read-noise", type=float, default=0.0, help="rms e⁻")
+    de.add_argument("--flag-sigma", type=float, default=5.0)
+    de.add_argument("--json", action="store_true")
+    de.set_defaults(func=cmd_smlm_dense)
 
     rc = sub.add_parser("recover", help="make a killed run's .arrows table valid again")
     rc.add_argument("table", type=Path)

@@ -312,6 +312,9 @@ class PublishNodeConfig(_NodeConfig):
     topic: str = Field(pattern=_NAME)
     payload: Literal["frame", "trust"] = Field(
         "frame", description="send the frames, or their trust maps (frames of an engine node)")
+    kinds: tuple[str, ...] = Field(
+        (), description="send only frames of these kinds (e.g. a dense node's `dense`, "
+        "`error_map` or `ready`); empty = all")
 
 
 class TrustConfig(StrictModel):
@@ -397,9 +400,79 @@ class RenderNodeConfig(_NodeConfig):
     drift_segment_frames: int = Field(1000, ge=50, description="frames per RCC segment")
 
 
+class MeanNodeConfig(_NodeConfig):
+    """The running mean of the raw frames of its upstream (`acquisition`), emitted every
+    `every_frames` frames (frames of kind `mean`): the widefield image of a localization
+    run that takes no widefield frame."""
+
+    kind: Literal["mean"] = "mean"
+    every_frames: int = Field(50, ge=1, description="emit the mean so far every N frames")
+    queue_frames: int = Field(64, ge=1, description="frames waiting; a frame dropped "
+                              "(counted) is left out of the mean, never out of the archive")
+
+
+class ErrorMapConfig(StrictModel):
+    """The error map of each dense prediction against the widefield image (smlm/errormap.py)."""
+
+    psf_sigma_nm: float = Field(130.0, gt=0, description="widefield PSF σ before fitting")
+    flag_sigma: float = Field(5.0, gt=0, description="flag where the resolution-scaled "
+                              "error exceeds this many noise σ ...")
+    relative_tolerance: float = Field(0.25, ge=0, description="... and this share of the "
+                                      "local widefield intensity")
+
+
+class ReadyConfig(StrictModel):
+    """When the acquisition has enough frames (smlm/ready.py): all must hold."""
+
+    min_frames: int = Field(1000, ge=1)
+    criterion: Literal["frc", "density", "both"] = "frc"
+    target_resolution_nm: float = Field(60.0, gt=0)
+    frc_block_frames: int = Field(100, ge=100)
+    max_change: float = Field(0.1, gt=0, description="relative change between successive "
+                              "dense predictions, at most")
+    max_flagged: float = Field(0.01, ge=0, le=1, description="error-map flagged share, at most")
+
+
+class DenseNodeConfig(_NodeConfig):
+    """Predict the dense super-resolution image from the localizations of its upstream (a
+    `localize` node) every `every_frames` frames, with its error map against the widefield
+    image, and say when the acquisition is ready (frames of kinds `dense`, `error_map`,
+    `ready`: publish them, filtered with `kinds`)."""
+
+    kind: Literal["dense"] = "dense"
+    model: str = Field("dense", description="a shipped model name or an .onnx path")
+    runtime: str = Field("cpu", description="auto, cpu, openvino, onnxruntime, torch, ...")
+    allow_unverified: bool = False
+    every_frames: int = Field(500, ge=1, description="one prediction per this many frames")
+    widefield: str | None = Field(
+        None, description="a `mean` node (declared earlier) whose newest frame is the "
+        "widefield image: the mean of the raw frames")
+    widefield_file: Path | None = Field(
+        None, description="a widefield image taken before the run (TIFF, camera grid, ADU; "
+        "relative to the config file)")
+    queue_frames: int = Field(256, ge=1)
+    drift_correction: bool = True
+    drift_segment_frames: int = Field(1000, ge=50)
+    error_map: ErrorMapConfig = Field(default_factory=ErrorMapConfig)
+    ready: ReadyConfig = Field(default_factory=ReadyConfig)
+
+    @field_validator("widefield_file", mode="after")
+    @classmethod
+    def _relative_to_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else resolve_path(path, info)
+
+    @model_validator(mode="after")
+    def _one_widefield(self) -> DenseNodeConfig:
+        if (self.widefield is None) == (self.widefield_file is None):
+            raise ValueError("give the widefield image as exactly one of `widefield` (a mean "
+                             "node of the raw frames) or `widefield_file` (a TIFF)")
+        return self
+
+
 #: one `[[stages]]` entry, told apart by `kind` (each kind one model, CAREamics-style)
 NodeConfig = Annotated[EngineNodeConfig | PublishNodeConfig | InterpolateNodeConfig
-                       | LocalizeNodeConfig | RenderNodeConfig, Field(discriminator="kind")]
+                       | LocalizeNodeConfig | RenderNodeConfig | MeanNodeConfig
+                       | DenseNodeConfig, Field(discriminator="kind")]
 
 #: the nodes every run has (see `daemon/graph.py`); extra `[[stages]]` may not reuse them
 DEFAULT_NODE_NAMES = ("acquisition", "archive", "publish_raw", "engine", "publish_enhanced",
@@ -517,6 +590,14 @@ def _resolve_mda(value: dict[str, Any] | None, info: ValidationInfo) -> dict[str
     return value
 
 
+class SmlmConfig(StrictModel):
+    """Localization microscopy runs (the `localize`, `render`, `dense` nodes)."""
+
+    stop_when_ready: bool = Field(
+        False, description="end acquisition when a dense node's ready rule holds (finish "
+        "reason `ready`); the summary states the frames used against the frame limit")
+
+
 class Config(StrictModel):
     source: SourceConfig = Field(default_factory=SimSourceConfig)
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
@@ -533,6 +614,7 @@ class Config(StrictModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     trust: TrustConfig = Field(default_factory=TrustConfig)
+    smlm: SmlmConfig = Field(default_factory=SmlmConfig)
     stages: tuple[NodeConfig, ...] = Field(
         (), description="extra nodes of the frame graph, each naming its upstream "
         "(see docs/architecture.md)")
@@ -542,7 +624,9 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _graph_is_declared_in_order(self) -> Config:
         known = set(DEFAULT_NODE_NAMES)
-        topics = {"raw", "enhanced", "interpolated", "trust", "interp_trust"}
+        topics = {"raw", "enhanced", "interpolated"}
+        if self.trust.enabled:  # the engine's trust maps (a run without them may reuse it)
+            topics |= {"trust", "interp_trust"}
         for i, node in enumerate(self.stages):
             where = f"stages[{i}] ({node.name!r})"
             if node.name in known:
@@ -554,11 +638,19 @@ class Config(StrictModel):
                 raise ValueError(f"{where}: a localize node takes the raw frames (camera "
                                  f"units, every frame in order): its upstream must be "
                                  f"'acquisition', not {node.upstream!r}")
-            if isinstance(node, RenderNodeConfig) and not any(
+            if isinstance(node, RenderNodeConfig | DenseNodeConfig) and not any(
                     isinstance(n, LocalizeNodeConfig) and n.name == node.upstream
                     for n in self.stages[:i]):
-                raise ValueError(f"{where}: a render node takes localizations: its upstream "
-                                 f"must be a localize node, not {node.upstream!r}")
+                raise ValueError(f"{where}: a {node.kind} node takes localizations: its "
+                                 f"upstream must be a localize node, not {node.upstream!r}")
+            if isinstance(node, MeanNodeConfig) and node.upstream != "acquisition":
+                raise ValueError(f"{where}: a mean node averages the raw frames: its upstream "
+                                 f"must be 'acquisition', not {node.upstream!r}")
+            if isinstance(node, DenseNodeConfig) and node.widefield is not None and not any(
+                    isinstance(n, MeanNodeConfig) and n.name == node.widefield
+                    for n in self.stages[:i]):
+                raise ValueError(f"{where}: widefield {node.widefield!r} is not an earlier "
+                                 f"mean node")
             if isinstance(node, PublishNodeConfig):
                 if node.topic in topics:
                     raise ValueError(f"{where}: topic {node.topic!r} is already published")
@@ -575,7 +667,7 @@ def _format_errors(origin: str, exc: ValidationError) -> str:
                                                                   "smlm_sim"):
             del parts[1]  # the discriminator tag pydantic inserts is not a key in the file
         if len(parts) > 2 and parts[0] == "stages" and parts[2] in (
-                "engine", "publish", "interpolate", "localize", "render"):
+                "engine", "publish", "interpolate", "localize", "render", "mean", "dense"):
             del parts[2]
         loc = ".".join(parts)
         msg = err["msg"].removeprefix("Value error, ")

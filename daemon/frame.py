@@ -22,9 +22,12 @@ from dimscope.engines.trust import TrustReport
 #: what the pixels are: `passthrough` = the raw pixels on the enhanced stream because the
 #: latency budget skipped the engine (never counted as enhanced); `trust` = a trust map;
 #: `localizations` = a block of single-molecule localizations as Arrow IPC stream bytes
-#: (uint8; `daemon/localize_stage.py`); `render` = a super-resolution render of them
+#: (uint8; `daemon/localize_stage.py`); `render` = a super-resolution render of them;
+#: `mean` = the running mean of the raw frames; `dense` = a sparse-to-dense prediction,
+#: `error_map` = its disagreement with the widefield image, `ready` = the ready event (JSON
+#: as uint8; `daemon/dense_stage.py`)
 FrameKind = Literal["raw", "enhanced", "interpolated", "passthrough", "trust",
-                    "localizations", "render"]
+                    "localizations", "render", "mean", "dense", "error_map", "ready"]
 #: what the latency budget made of a frame: enhanced in time, enhanced late, or passed on raw
 BudgetOutcome = Literal["met", "missed", "skipped"]
 

@@ -35,9 +35,11 @@ from .archive import RawArchive
 from .config import (
     CameraConfig,
     Config,
+    DenseNodeConfig,
     EngineNodeConfig,
     InterpolateNodeConfig,
     LocalizeNodeConfig,
+    MeanNodeConfig,
     NodeConfig,
     PublishNodeConfig,
     RenderNodeConfig,
@@ -158,7 +160,7 @@ def trust_settings(cfg: TrustConfig) -> TrustSettings | None:
 
 def _publish(node: PublishNodeConfig, ctx: BuildContext) -> Stage:
     return PublishStage(node.topic, ctx.socket, node.queue_frames, name=node.name,
-                        payload=node.payload)
+                        payload=node.payload, kinds=node.kinds)
 
 
 def _trust_log(node: Any, ctx: BuildContext) -> Stage:
@@ -188,6 +190,24 @@ def _render(node: RenderNodeConfig, ctx: BuildContext) -> Stage:
     return RenderStage(node, ctx.run_dir)
 
 
+def _mean(node: MeanNodeConfig, ctx: BuildContext) -> Stage:
+    from .dense_stage import MeanStage
+
+    return MeanStage(node)
+
+
+def _dense(node: DenseNodeConfig, ctx: BuildContext) -> Stage:
+    try:
+        from .dense_stage import DenseStage
+
+        return DenseStage(node, ctx.run_dir, ctx.calibration, ctx.frame_shape)
+    except ImportError as exc:  # onnx/openvino/scipy of the smlm extra absent
+        raise EngineError(f"node {node.name!r} needs the smlm extra (pip install "
+                          f"'dimscope[smlm]'): {exc}") from None
+    except ValueError as exc:
+        raise EngineError(f"node {node.name!r}: {exc}") from None
+
+
 def _interpolate(node: InterpolateNodeConfig, ctx: BuildContext) -> Stage:
     interpolator = make_interpolator(node.method, **dict(node.options))
     return InterpolationStage(interpolator, node.factor, name=node.name,
@@ -205,6 +225,8 @@ NODE_KINDS: dict[str, Callable[[Any, BuildContext], Stage]] = {
     "trust_log": _trust_log,
     "localize": _localize,
     "render": _render,
+    "mean": _mean,
+    "dense": _dense,
 }
 
 
@@ -294,6 +316,14 @@ def build_graph(nodes: list[NodeConfig | ArchiveNodeConfig | TrustLogNodeConfig]
             ctx.errors[node.name] = str(exc)
             log.error("node %s is not running (raw archiving unaffected): %s", node.name, exc)
             continue
+        # A second input (a dense node's widefield image): the named node's frames, unqueued.
+        side = getattr(node, "widefield", None)
+        if side is not None:
+            if side not in stages:
+                ctx.errors[node.name] = f"not running: its widefield node {side!r} is not"
+                stage.teardown()
+                continue
+            stages[side].connect(stage.widefield_input)  # type: ignore[attr-defined]
         stages[node.name] = stage
         if upstream == ROOT:
             roots.append(stage)

@@ -56,6 +56,8 @@ _MAX_LISTED = 10_000
 _BATCH = 64
 #: RCC drift segments at most (every pair is cross-correlated at each render)
 _MAX_SEGMENTS = 16
+#: drift estimates applied, one JSON object per line, in the run folder
+DRIFT_LOG = "drift.jsonl"
 
 
 class LocalizeStage(Stage):
@@ -212,73 +214,59 @@ class LocalizeStage(Stage):
         return snap
 
 
-class RenderStage(Stage):
-    """Super-resolution renders of the localizations so far, every `every_frames` frames."""
+class LocAccumulator:
+    """The localizations received so far (frames of kind `localizations`), and their
+    drift-corrected table: what a render or a dense prediction is made of."""
 
-    def __init__(self, node: RenderNodeConfig, run_dir: Path) -> None:
-        super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
-        self.node = node
-        self.drift_log = run_dir / "drift.jsonl"
-        self._frame: list[np.ndarray] = []
+    def __init__(self, node_name: str, drift_log: Path, drift_correction: bool,
+                 segment_frames: int) -> None:
+        self.node_name = node_name
+        self.drift_log = drift_log
+        self.drift_correction = drift_correction
+        self.segment_frames = segment_frames
+        self._columns: dict[str, list[np.ndarray]] = {
+            "frame": [], "x_nm": [], "y_nm": [], "precision_nm": []}
+        #: frames covered by the blocks received
+        self.frames = 0
+        self.field_nm: tuple[float, float] | None = None
+        self.camera_pixel_nm = 0.0
+        self.camera_shape: tuple[int, int] = (0, 0)
         self.drift_estimates = 0
-        self._x: list[np.ndarray] = []
-        self._y: list[np.ndarray] = []
-        self._precision: list[np.ndarray] = []
-        self._frames = 0  # frames covered by the blocks received
-        self._next_render = node.every_frames
-        self._field_nm: tuple[float, float] | None = None
-        self._last: Frame | None = None
-        self._rendered_frames = -1  # frames covered by the last render
-        self.renders = 0
 
-    def process(self, frame: Frame) -> None:
+    def add(self, frame: Frame) -> None:
         from dimscope.smlm.table import block_from_ipc
 
         block = block_from_ipc(frame.pixels.data)
-        if self._field_nm is None:  # the camera's field, so every render has one size
-            pixel_nm = float(frame.metadata["pixel_nm"])
+        if self.field_nm is None:  # the camera's field, so every image has one size
+            self.camera_pixel_nm = float(frame.metadata["pixel_nm"])
             h, w = (int(v) for v in frame.metadata["camera_shape"].split("x"))
-            self._field_nm = (w * pixel_nm, h * pixel_nm)
-        self._x.append(np.asarray(block.x_nm))
-        self._y.append(np.asarray(block.y_nm))
-        self._frame.append(np.asarray(block.frame))
-        self._precision.append(np.asarray(block["precision_nm"]))
-        self._frames += block.frame_stop - block.frame_start
-        self._last = frame
-        # Behind (more blocks queued)? Take them first: a render is of everything so far.
-        if self._frames >= self._next_render and self.depth == 0:
-            self._render(frame)
-            while self._next_render <= self._frames:
-                self._next_render += self.node.every_frames
+            self.camera_shape = (h, w)
+            self.field_nm = (w * self.camera_pixel_nm, h * self.camera_pixel_nm)
+        for name, values in self._columns.items():
+            values.append(np.asarray(block[name]))
+        self.frames += block.frame_stop - block.frame_start
 
-    def _render(self, frame: Frame) -> None:
+    def table(self) -> tuple[Any, dict[str, str]]:
+        """Every localization so far (drift-corrected when on and there are two segments)
+        and what was done, for the frame's header."""
         from dimscope.smlm.block import LocBlock
-        from dimscope.smlm.render import gaussian, histogram
 
-        x, y = np.concatenate(self._x), np.concatenate(self._y)
-        n = len(x)
-        frames = np.concatenate(self._frame).astype(np.int64)
-        cols = {"frame": frames, "x_nm": x, "y_nm": y,
-                "photons": np.ones(n, np.float32), "background": np.zeros(n, np.float32),
-                "precision_nm": np.concatenate(self._precision)}
+        cols = {k: np.concatenate(v) for k, v in self._columns.items()}
+        n = len(cols["x_nm"])
+        frames = cols["frame"].astype(np.int64)
+        cols.update(frame=frames, photons=np.ones(n, np.float32),
+                    background=np.zeros(n, np.float32))
         last = int(frames.max()) + 1 if n else 0
         locs = LocBlock(0, last, cols)
-        meta = {"frames": str(self._frames), "localizations": str(n),
-                "method": self.node.method, "pixel_nm": f"{self.node.pixel_nm:g}",
+        meta = {"frames": str(self.frames), "localizations": str(n),
                 "drift_corrected": "false"}
         # At most 16 segments (RCC correlates every pair): longer runs get longer segments.
-        segments = min(last // self.node.drift_segment_frames, _MAX_SEGMENTS)
-        if self.node.drift_correction and segments >= 2 and n:
+        segments = min(last // self.segment_frames, _MAX_SEGMENTS)
+        if self.drift_correction and segments >= 2 and n:
             locs, drift = self._drift_corrected(locs, last, segments)
             meta.update(drift_corrected="true", drift_x_nm=f"{drift[0]:.2f}",
                         drift_y_nm=f"{drift[1]:.2f}")
-        fn = histogram if self.node.method == "histogram" else gaussian
-        image = np.asarray(fn(locs, self.node.pixel_nm, self._field_nm), dtype=np.float32)
-        self.renders += 1
-        self._rendered_frames = self._frames
-        self.emit(frame.replace(
-            pixels=freeze(image), kind="render", pixel_size_um=self.node.pixel_nm / 1000.0,
-            metadata=meta, source_ids=()).marked(self.name))
+        return locs, meta
 
     def _drift_corrected(self, locs: Any, n_frames: int, segments: int
                          ) -> tuple[Any, tuple[float, float]]:
@@ -288,9 +276,9 @@ class RenderStage(Stage):
 
         from dimscope.smlm.drift import rcc
 
-        est = rcc(locs, n_frames=n_frames, n_segments=segments, extent_nm=self._field_nm)
+        est = rcc(locs, n_frames=n_frames, n_segments=segments, extent_nm=self.field_nm)
         self.drift_estimates += 1
-        record = {"frames": n_frames, "segments": segments,
+        record = {"node": self.node_name, "frames": n_frames, "segments": segments,
                   "segment_frames": est.segment_frames.round(1).tolist(),
                   "segment_drift_nm": est.segment_drift_nm.round(2).tolist(),
                   "drift_at_last_frame_nm": [round(float(est.dx_nm[-1]), 2),
@@ -301,9 +289,45 @@ class RenderStage(Stage):
             f.write(json.dumps(record) + "\n")
         return est.apply(locs), (float(est.dx_nm[-1]), float(est.dy_nm[-1]))
 
+
+class RenderStage(Stage):
+    """Super-resolution renders of the localizations so far, every `every_frames` frames."""
+
+    def __init__(self, node: RenderNodeConfig, run_dir: Path) -> None:
+        super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
+        self.node = node
+        self.locs = LocAccumulator(node.name, run_dir / DRIFT_LOG, node.drift_correction,
+                                   node.drift_segment_frames)
+        self._next_render = node.every_frames
+        self._last: Frame | None = None
+        self._rendered_frames = -1  # frames covered by the last render
+        self.renders = 0
+
+    def process(self, frame: Frame) -> None:
+        self.locs.add(frame)
+        self._last = frame
+        # Behind (more blocks queued)? Take them first: a render is of everything so far.
+        if self.locs.frames >= self._next_render and self.depth == 0:
+            self._render(frame)
+            while self._next_render <= self.locs.frames:
+                self._next_render += self.node.every_frames
+
+    def _render(self, frame: Frame) -> None:
+        from dimscope.smlm.render import gaussian, histogram
+
+        locs, meta = self.locs.table()
+        meta.update(method=self.node.method, pixel_nm=f"{self.node.pixel_nm:g}")
+        fn = histogram if self.node.method == "histogram" else gaussian
+        image = np.asarray(fn(locs, self.node.pixel_nm, self.locs.field_nm), dtype=np.float32)
+        self.renders += 1
+        self._rendered_frames = self.locs.frames
+        self.emit(frame.replace(
+            pixels=freeze(image), kind="render", pixel_size_um=self.node.pixel_nm / 1000.0,
+            metadata=meta, source_ids=()).marked(self.name))
+
     def teardown(self) -> None:
         if self.error is None and self._last is not None and \
-                self._rendered_frames < self._frames:
+                self._rendered_frames < self.locs.frames:
             try:
                 self._render(self._last)  # the whole run, once more at the end
             except Exception as exc:  # the run's shutdown goes on
@@ -311,6 +335,6 @@ class RenderStage(Stage):
 
     def snapshot(self) -> dict[str, object]:
         snap = super().snapshot()
-        snap.update(renders=self.renders, frames=self._frames,
-                    drift_estimates=self.drift_estimates)
+        snap.update(renders=self.renders, frames=self.locs.frames,
+                    drift_estimates=self.locs.drift_estimates)
         return snap

@@ -8,6 +8,7 @@ every queue, archive first.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -22,10 +23,11 @@ from dimscope.drivers import SourceError, make_source
 from dimscope.engines import EngineError
 
 from . import __version__
-from .acquisition import Acquisition
+from .acquisition import Acquisition, FinishReason
 from .archive import create_run_dir
 from .config import DEFAULT_NODE_NAMES, Config, with_overrides
 from .control import ControlServer
+from .dense_stage import DenseStage
 from .graph import BuildContext, build_graph, camera_calibration, declared_nodes, load_engine
 from .mda import MDAAcquisition, load_sequence
 from .publisher import PublishSocket, PublishStage
@@ -36,6 +38,7 @@ from .summary import (
     LatencyStats,
     RunState,
     RunSummary,
+    SmlmReadyReport,
     StageStats,
 )
 
@@ -112,12 +115,15 @@ class Pipeline:
         self.node_errors: dict[str, str] = {}
         self.state = RunState.IDLE
         self._stop_requested = threading.Event()
+        #: the frame limit the run was started with (the SMLM summary compares with it)
+        self.max_frames: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, max_frames: int | None = None) -> None:
         cfg = self.config
         self.state = RunState.STARTING
         self.started_mono = time.monotonic()
+        self.max_frames = max_frames
         try:
             self.source.open()
         except SourceError:
@@ -179,6 +185,8 @@ class Pipeline:
         self.node_errors = {k: v for k, v in ctx.errors.items() if k not in DEFAULT_NODE_NAMES}
         for stage in graph.stages.values():
             stage.on_error(self._stage_failed)
+            if cfg.smlm.stop_when_ready and hasattr(stage, "on_ready"):
+                stage.on_ready(functools.partial(self._ready_stop, stage))
         self.stages = list(graph.stages.values())
         for stage in graph.in_start_order():  # sinks first: nothing offered to a dead stage
             stage.start()
@@ -215,10 +223,16 @@ class Pipeline:
         if self.acquisition is not None:
             self.acquisition.request_stop()
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: FinishReason | None = None) -> None:
         self._stop_requested.set()
         if self.acquisition is not None:
-            self.acquisition.request_stop()
+            self.acquisition.request_stop(reason)
+
+    def _ready_stop(self, stage: Stage, ready: dict[str, Any]) -> None:
+        """`[smlm] stop_when_ready`: a dense node said the acquisition has enough frames."""
+        log.info("%s is ready at %s frames: stopping acquisition ([smlm] stop_when_ready)",
+                 stage.name, ready.get("frames"))
+        self.request_stop(FinishReason.READY)
 
     def wait(self, *, duration_s: float | None = None, poll_s: float = 0.1,
              on_tick: Any = None, tick_s: float = 0.5) -> None:
@@ -374,4 +388,9 @@ class Pipeline:
             stages=stages,
             latency_ms=latency,
             error=self.error,
+            smlm_ready=[SmlmReadyReport(
+                node=s.name, ready=s.ready is not None,
+                frames_used=(s.ready or {}).get("frames"), max_frames=self.max_frames,
+                stop_when_ready=self.config.smlm.stop_when_ready,
+                check=s.ready or s.last_check) for s in self.stages if isinstance(s, DenseStage)],
         )

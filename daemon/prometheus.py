@@ -216,7 +216,19 @@ class PipelineCollector(Collector):
         not_localized = CounterMetricFamily(
             "dimscope_frames_not_localized", "frames left out of live localization by its "
             "queue (the raw archive has them)", labels=["stage"])
+        predictions = CounterMetricFamily("dimscope_dense_predictions",
+                                          "dense (sparse-to-dense) predictions made",
+                                          labels=["stage"])
+        ready = GaugeMetricFamily("dimscope_dense_ready", "1 once the ready rule has held",
+                                  labels=["stage"])
+        flagged = GaugeMetricFamily("dimscope_dense_flagged_fraction", "share of the field "
+                                    "the last error map flags", labels=["stage"])
         for name, st in s.stages.items():
+            if st.predictions is not None:
+                predictions.add_metric([name], st.predictions)
+                ready.add_metric([name], 1.0 if st.ready else 0.0)
+                if st.last_check is not None and st.last_check.get("flagged") is not None:
+                    flagged.add_metric([name], float(st.last_check["flagged"]))
             if st.lag_frames is not None:
                 lag.add_metric([name], st.lag_frames)
                 locs.add_metric([name], st.localizations or 0)
@@ -234,7 +246,7 @@ class PipelineCollector(Collector):
                 rounds.add_metric([name], st.adapt_rounds)
                 swaps.add_metric([name], st.adapt_swaps or 0)
         yield from (alerts, budget, skipped, changes, tier, tier_info, adapt, rounds, swaps,
-                    lag, locs, not_localized)
+                    lag, locs, not_localized, predictions, ready, flagged)
 
 
 class MetricsServer:

@@ -117,10 +117,14 @@ class TopicSink:
     With payload `trust` it sends each frame's trust map instead, and passes over frames
     that have none (raw and passthrough frames; counted in `without_trust`)."""
 
-    def __init__(self, topic: str, socket: PublishSocket, payload: Payload = "frame") -> None:
+    def __init__(self, topic: str, socket: PublishSocket, payload: Payload = "frame",
+                 kinds: tuple[str, ...] = ()) -> None:
         self.topic = topic
         self.payload = payload
         self.without_trust = 0
+        #: only frames of these kinds are sent (empty: all); the others are counted
+        self.kinds = kinds
+        self.other_kinds = 0
         self._topic_bytes = topic.encode()
         self._socket = socket
         self.seq = 0
@@ -131,6 +135,9 @@ class TopicSink:
         pass
 
     def append(self, frame: Frame) -> bool:
+        if self.kinds and frame.kind not in self.kinds:
+            self.other_kinds += 1
+            return True  # not this topic's: not a loss
         if self.payload == "trust":
             trust = trust_frame(frame)
             if trust is None:
@@ -161,8 +168,9 @@ class PublishStage(SinkStage):
     """A topic publisher: drop-oldest queue in front of a `TopicSink`."""
 
     def __init__(self, topic: str, socket: PublishSocket, queue_frames: int,
-                 name: str | None = None, payload: Payload = "frame") -> None:
-        self.topic_sink = TopicSink(topic, socket, payload)
+                 name: str | None = None, payload: Payload = "frame",
+                 kinds: tuple[str, ...] = ()) -> None:
+        self.topic_sink = TopicSink(topic, socket, payload, kinds)
         super().__init__(name or f"publish_{topic}", self.topic_sink, queue_frames,
                          OverflowPolicy.DROP_OLDEST)
         self.topic = topic

@@ -79,6 +79,17 @@ class StageStats(_Report):
                                "localizations received so far")
     drift_estimates: int | None = Field(None, description="render: drift estimates applied "
                                         "(drift.jsonl)")
+    frames_averaged: int | None = Field(None, description="mean: raw frames in the mean")
+    predictions: int | None = Field(None, description="dense: predictions made")
+    skipped_no_widefield: int | None = Field(None, description="dense: predictions skipped "
+                                             "for want of a widefield image")
+    prediction_seconds: float | None = Field(None, description="dense: time spent predicting, "
+                                             "mapping errors and checking the ready rule")
+    ready: bool | None = Field(None, description="dense: the ready rule has held")
+    ready_at_frames: int | None = Field(None, description="dense: frames when it first held")
+    last_check: dict[str, Any] | None = Field(None, description="dense: the ready rule's "
+                                              "values at the last prediction")
+    model: str | None = Field(None, description="dense: the model (name@file digest)")
 
 
 class EngineReport(_Report):
@@ -98,6 +109,19 @@ class BudgetReport(_Report):
     tier_changes: int
     skipped: int
     missed: int
+
+
+class SmlmReadyReport(_Report):
+    """Dense nodes of a localization run: when the ready rule first held."""
+
+    node: str
+    ready: bool
+    #: frames acquired when `ready` fired (None: it never did), against the frame limit
+    frames_used: int | None
+    max_frames: int | None
+    stop_when_ready: bool
+    #: the rule's values at `ready`, else at the last prediction
+    check: dict[str, Any] | None
 
 
 class RunSummary(_Report):
@@ -130,6 +154,8 @@ class RunSummary(_Report):
     stages: dict[str, StageStats]
     latency_ms: dict[str, LatencyStats]
     error: str | None
+    #: localization runs: each dense node's ready report
+    smlm_ready: list[SmlmReadyReport] = []
     #: set when summary.json / run.json could not be written (a full disk)
     write_error: str | None = None
 

@@ -19,6 +19,8 @@ from .frame import Frame
 
 SCHEMA = "dimscope.frame/2"
 TOPICS = ("raw", "enhanced", "interpolated", "trust")
+#: frames whose header carries their `smlm` metadata (docs/wire-format.md)
+SMLM_KINDS = ("localizations", "render", "mean", "dense", "error_map", "ready")
 
 
 def engine_header(e: EngineInfo) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def encode_header(frame: Frame, *, topic: str, seq: int, published_unix_ns: int,
         header["tier"] = frame.tier
     if frame.trust is not None:
         header["trust"] = frame.trust.score.as_dict()
-    if frame.kind in ("localizations", "render"):  # what the block or render covers
+    if frame.kind in SMLM_KINDS:  # what the block, render or prediction covers
         header["smlm"] = dict(frame.metadata)
     return json.dumps(header, separators=(",", ":")).encode()
 

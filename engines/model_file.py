@@ -65,13 +65,34 @@ class TransferProvenance(BaseModel):
     adversarial_loss: bool = False
 
 
+class DenseProvenance(BaseModel):
+    """What a sparse-to-dense (localization microscopy) model takes and learned from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: the render grid and input widths (`smlm.dense.DenseGrid.as_dict`)
+    grid: dict[str, float]
+    #: structure classes and real density maps trained on; held out ones are not listed
+    structures: list[str] = Field(default_factory=list)
+    #: frames of a full (target) acquisition, and the range of input fractions of it
+    frames_full: int = Field(1, ge=1)
+    fractions: tuple[float, float] = (0.005, 0.15)
+    #: the widefield channel in training: a widefield frame, the raw-frame mean, or both
+    widefield: str = "frame or raw mean"
+    loss: str = "l1+ssim"
+    #: an adversarial loss sharpens by inventing detail: always stated
+    adversarial_loss: bool = False
+    #: ANNA-PALM's patent (smlm.dense.PATENT_NOTICE)
+    notice: str = ""
+
+
 class ModelCard(BaseModel):
     """What a model is and how it was made (frozen; round-trips through JSON)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    task: Literal["denoise", "sr2", "interp", "transfer"]
+    task: Literal["denoise", "sr2", "interp", "transfer", "dense"]
     version: str = "1"
     arch: str
     hparams: dict[str, Any] = Field(default_factory=dict)
@@ -95,6 +116,8 @@ class ModelCard(BaseModel):
     #: guided (offline quality) models: the classical estimate the network refines, one
     #: more input channel (BM3D+VST of the newest frame, or BM4D+VST over the window)
     guide: Literal["bm3d", "bm4d"] | None = None
+    #: sparse-to-dense models (localization microscopy): grid, data, loss (None otherwise)
+    dense: DenseProvenance | None = None
 
     def norm(self) -> PercentileNorm | VSTNorm:
         return from_dict(self.normalization)
@@ -102,7 +125,9 @@ class ModelCard(BaseModel):
     @property
     def channels(self) -> int:
         """Channels of the (first) model input: the window, the guide if any, plus the
-        noise map with VST."""
+        noise map with VST; a dense model's two: widefield and sparse render."""
+        if self.task == "dense":
+            return 2
         return (self.window + int(self.guide is not None)
                 + int(self.normalization.get("kind") == "vst"))
 

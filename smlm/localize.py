@@ -156,7 +156,9 @@ class SmappyLocalizer:
             return photons
         n, h, w = photons.shape
         out = np.empty((n, h + 2 * p, w + 2 * p), np.float32)
-        out[:] = np.median(photons.reshape(n, -1), axis=1)[:, None, None]
+        # The frame's background level, from every 16th pixel: the full median cost ~15 % of
+        # the localizer's time per frame here, and the padding needs only a level.
+        out[:] = np.median(photons.reshape(n, -1)[:, ::16], axis=1)[:, None, None]
         out[:, p:p + h, p:p + w] = photons
         return out
 
