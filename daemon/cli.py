@@ -75,6 +75,11 @@ def _print_summary(s: RunSummary) -> None:
             what = "processing" if topic in ("engine", "interpolate") else "acquisition -> publish"
             print(f"latency {topic:<9} ({what}): p50 {lat.p50:.2f} ms  p99 {lat.p99:.2f} ms"
                   f"  max {lat.max:.2f} ms", file=out)
+    for r in s.smlm_ready:
+        limit = f" of the {r.max_frames} allowed" if r.max_frames else ""
+        failing = "; ".join((r.check or {}).get("failing", [])) or "no prediction yet"
+        print(f"{r.node}: " + (f"READY at {r.frames_used} frames{limit}" if r.ready else
+                               f"not ready ({failing})"), file=out)
     print(f"archive: {s.run_dir}", file=out)
     if s.write_error:
         print(f"COULD NOT WRITE: {s.write_error}", file=out)

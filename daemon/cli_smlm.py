@@ -6,7 +6,7 @@
     smlm frc TABLE                            FRC resolution of the plain render
     smlm drift TABLE --out DRIFT.csv          RCC drift per frame (render/frc --drift apply it)
     smlm recover TABLE                        make a killed run's .arrows table valid again
-    smlm dense TABLE --widefield WF --out IMG dense prediction (+ --error-map, ready values)
+    smlm dense TABLE --widefield WF --out IMG dense prediction (+ --error-map, plain-render FRC)
 
 TABLE by extension: `.arrows` (dimscope's crash-safe Arrow IPC stream; `localize` appends one
 block at a time, so a killed `localize` leaves every finished block readable), `.csv`
@@ -272,23 +272,18 @@ def cmd_smlm_dense(args: argparse.Namespace) -> int:
     import numpy as np
     import tifffile
 
+    from dimscope.daemon.dense_stage import read_widefield
     from dimscope.engines import EngineError
     from dimscope.smlm import errormap
     from dimscope.smlm.dense import DensePredictor, first_frames
     from dimscope.smlm.frc import frc
 
+    predictor = None
     try:
         locs, field = _load(args)
         if args.frames is not None:
             locs = first_frames(locs, args.frames)
-        wf = np.asarray(tifffile.imread(str(args.widefield)), np.float32)
-        averaged = 1
-        if wf.ndim == 3:  # raw frames: their mean is the widefield image
-            averaged = wf.shape[0]
-            wf = wf.mean(axis=0)
-        if wf.ndim != 2:
-            raise ValueError(f"--widefield {args.widefield}: expected a 2-D image or a "
-                             f"stack of frames, got shape {wf.shape}")
+        wf, averaged = read_widefield(args.widefield)
         extent = (wf.shape[1] * args.camera_pixel_nm, wf.shape[0] * args.camera_pixel_nm)
         if field is not None and (abs(field[0] - extent[0]) > args.camera_pixel_nm
                                   or abs(field[1] - extent[1]) > args.camera_pixel_nm):
@@ -311,26 +306,29 @@ def cmd_smlm_dense(args: argparse.Namespace) -> int:
                                              flag_sigma=args.flag_sigma)
         emap = errormap.compute(dense, wf, predictor.grid.render_pixel_nm,
                                 args.camera_pixel_nm, settings, frames_averaged=averaged)
+        frames = int(np.asarray(locs.frame).max()) + 1 if len(locs) else 0
+        resolution = (frc(locs, 10.0, 100, extent).resolution_nm if frames >= 200 else
+                      float("nan"))
+        px = predictor.grid.render_pixel_nm
+        tifffile.imwrite(str(args.out), dense, resolution=(1e7 / px, 1e7 / px),
+                         resolutionunit="CENTIMETER",
+                         metadata={"model": predictor.label, "localizations": len(locs)})
+        if args.error_map is not None:
+            tifffile.imwrite(str(args.error_map), emap.error_sigma)
+        label = predictor.label
     except (ValueError, OSError, EngineError) as exc:
         return _fail(str(exc))
-    px = predictor.grid.render_pixel_nm
-    tifffile.imwrite(str(args.out), dense, resolution=(1e7 / px, 1e7 / px),
-                     resolutionunit="CENTIMETER",
-                     metadata={"model": predictor.label, "localizations": len(locs)})
-    if args.error_map is not None:
-        tifffile.imwrite(str(args.error_map), emap.error_sigma)
-    frames = int(np.asarray(locs.frame).max()) + 1 if len(locs) else 0
-    resolution = (frc(locs, 10.0, 100, extent).resolution_nm if frames >= 200 else
-                  float("nan"))
-    report = {"model": predictor.label, "localizations": len(locs), "frames": frames,
+    finally:
+        if predictor is not None:
+            predictor.close()
+    report = {"model": label, "localizations": len(locs), "frames": frames,
               "out": str(args.out), "frc_plain_render_nm": resolution, **emap.summary(),
               "limit": errormap.LIMIT_NOTE}
     print(json.dumps(report) if args.json else
-          f"dense image of {len(locs)} localizations ({frames} frames) by {predictor.label} "
+          f"dense image of {len(locs)} localizations ({frames} frames) by {label} "
           f"→ {args.out}; error map flags {emap.flagged_fraction:.2%} of the field (fitted "
           f"widefield PSF σ {emap.psf_sigma_nm:.0f} nm); FRC of the plain render "
           f"{resolution:.1f} nm")
-    predictor.close()
     return EXIT_OK
 
 

@@ -36,6 +36,9 @@ from dimscope.engines.options import (
     option_problems,
     validate_options,
 )
+from dimscope.smlm.ready import ReadySettings
+
+from .frame import FrameKind
 
 __all__ = ["MMSourceConfig", "ReplaySourceConfig", "SimSourceConfig", "SourceConfig",
            "default_adapter_paths"]
@@ -312,7 +315,7 @@ class PublishNodeConfig(_NodeConfig):
     topic: str = Field(pattern=_NAME)
     payload: Literal["frame", "trust"] = Field(
         "frame", description="send the frames, or their trust maps (frames of an engine node)")
-    kinds: tuple[str, ...] = Field(
+    kinds: tuple[FrameKind, ...] = Field(
         (), description="send only frames of these kinds (e.g. a dense node's `dense`, "
         "`error_map` or `ready`); empty = all")
 
@@ -421,18 +424,6 @@ class ErrorMapConfig(StrictModel):
                                       "local widefield intensity")
 
 
-class ReadyConfig(StrictModel):
-    """When the acquisition has enough frames (smlm/ready.py): all must hold."""
-
-    min_frames: int = Field(1000, ge=1)
-    criterion: Literal["frc", "density", "both"] = "frc"
-    target_resolution_nm: float = Field(60.0, gt=0)
-    frc_block_frames: int = Field(100, ge=100)
-    max_change: float = Field(0.1, gt=0, description="relative change between successive "
-                              "dense predictions, at most")
-    max_flagged: float = Field(0.01, ge=0, le=1, description="error-map flagged share, at most")
-
-
 class DenseNodeConfig(_NodeConfig):
     """Predict the dense super-resolution image from the localizations of its upstream (a
     `localize` node) every `every_frames` frames, with its error map against the widefield
@@ -454,7 +445,8 @@ class DenseNodeConfig(_NodeConfig):
     drift_correction: bool = True
     drift_segment_frames: int = Field(1000, ge=50)
     error_map: ErrorMapConfig = Field(default_factory=ErrorMapConfig)
-    ready: ReadyConfig = Field(default_factory=ReadyConfig)
+    ready: ReadySettings = Field(default_factory=ReadySettings, description="when the "
+                                 "acquisition has enough frames (smlm/ready.py): all must hold")
 
     @field_validator("widefield_file", mode="after")
     @classmethod
@@ -595,7 +587,8 @@ class SmlmConfig(StrictModel):
 
     stop_when_ready: bool = Field(
         False, description="end acquisition when a dense node's ready rule holds (finish "
-        "reason `ready`); the summary states the frames used against the frame limit")
+        "reason `ready`); the summary states the frames used against the frame limit. In an "
+        "MDA run this ends the whole sequence: moving on to the next position is not built")
 
 
 class Config(StrictModel):
@@ -656,6 +649,10 @@ class Config(StrictModel):
                     raise ValueError(f"{where}: topic {node.topic!r} is already published")
                 topics.add(node.topic)
             known.add(node.name)
+        if self.smlm.stop_when_ready and not any(isinstance(n, DenseNodeConfig)
+                                                 for n in self.stages):
+            raise ValueError("[smlm] stop_when_ready needs a `dense` node (its ready rule "
+                             "decides when to stop); none is declared in [[stages]]")
         return self
 
 

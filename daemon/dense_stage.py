@@ -15,13 +15,13 @@ frame its queue drops is left out of the mean (counted), never out of the archiv
    frame of a `mean` node (`widefield`), or a TIFF taken before the run (`widefield_file`);
 2. computes its error map against that widefield image (`smlm.errormap`, camera noise from
    the run's calibration, divided by the frames averaged);
-3. evaluates the ready rule (`smlm.ready`) and, the first time it holds, emits one `ready`
-   frame: a JSON object (UTF-8 bytes as uint8 pixels) with every criterion's value; its
-   header's `smlm` metadata carries the same values as strings;
+3. evaluates the ready rule (`smlm.ready`);
 4. emits a `dense` frame (float32, render grid; metadata: frames and localizations used,
    the model and its weights hash, the widefield source, drift applied, error-map summary)
    and an `error_map` frame (float32, camera grid: the resolution-scaled error in noise σ;
-   metadata: flagged share, fitted PSF, the limit of what the map can see).
+   metadata: flagged share, fitted PSF, the limit of what the map can see), and, the first
+   time the rule holds, one `ready` frame: a JSON object (UTF-8 bytes as uint8 pixels) with
+   every criterion's value, its header's `smlm` metadata the same values as strings.
 
 A prediction waits while more localization blocks are queued (it is of everything so far);
 predictions are skipped (counted: `skipped_no_widefield`) until a widefield image exists.
@@ -90,38 +90,46 @@ class MeanStage(Stage):
         return snap
 
 
-def read_widefield(path: Path, camera_shape: tuple[int, int]) -> np.ndarray:
-    """A widefield TIFF on the camera grid; EngineError naming the problem."""
+def read_widefield(path: Path, camera_shape: tuple[int, int] | None = None
+                   ) -> tuple[np.ndarray, int]:
+    """A widefield TIFF (one image, or frames: their mean) and the frames it averages;
+    EngineError naming the problem (unreadable, not 2-D, not on the camera grid)."""
     import tifffile
 
     from dimscope.smlm.dense import check_widefield
 
     try:
-        image = np.asarray(tifffile.imread(str(path)), np.float32)
+        image = np.squeeze(np.asarray(tifffile.imread(str(path)), np.float32))
     except FileNotFoundError:
         raise EngineError(f"widefield image not found: {path}") from None
     except Exception as exc:
         raise EngineError(f"widefield image {path} cannot be read: {exc}") from None
-    image = np.squeeze(image)
-    if image.ndim == 3:  # a few widefield frames: their mean
+    averaged = 1
+    if image.ndim == 3:  # frames: their mean (its noise is that of one frame / their number)
+        averaged = image.shape[0]
         image = image.mean(axis=0)
-    try:
-        check_widefield(image.shape, camera_shape)
-    except ValueError as exc:
-        raise EngineError(f"widefield image {path}: {exc}") from None
-    return image
+    if image.ndim != 2:
+        raise EngineError(f"widefield image {path}: expected a 2-D image or a stack of "
+                          f"frames, got shape {image.shape}")
+    if camera_shape is not None:
+        try:
+            check_widefield(image.shape, camera_shape)
+        except ValueError as exc:
+            raise EngineError(f"widefield image {path}: {exc}") from None
+    return image, averaged
 
 
 class DenseStage(Stage):
     """Dense prediction, error map and ready rule every `every_frames` frames."""
 
+    #: at stop, the blocks still queued and the final prediction of the whole run (a few s)
+    drain_timeout_s = 120.0
+
     def __init__(self, node: DenseNodeConfig, run_dir: Path, calibration: CameraCalibration,
-                 camera_shape: tuple[int, int]) -> None:
+                 camera_shape: tuple[int, int], camera_pixel_nm: float) -> None:
         super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
         from dimscope.smlm.dense import DensePredictor
         from dimscope.smlm.errormap import ErrorMapSettings
-        from dimscope.smlm.ready import ReadySettings
-
         self.node = node
         # Loaded (and checked against its card) here: a missing or altered model is a named
         # node error at graph building, and raw acquisition goes on.
@@ -135,13 +143,23 @@ class DenseStage(Stage):
             relative_tolerance=node.error_map.relative_tolerance,
             gain_adu_per_e=calibration.gain_adu_per_e, offset_adu=calibration.offset_adu,
             read_noise_e=calibration.read_noise_e)
-        self.ready_settings = ReadySettings(**node.ready.model_dump())
+        self.ready_settings = node.ready
         self._ready_rule: Any = None
         self._widefield_lock = threading.Lock()
         self._widefield: tuple[np.ndarray, int, str] | None = None
         if node.widefield_file is not None:
-            self._widefield = (read_widefield(node.widefield_file, camera_shape), 1,
-                               f"file:{node.widefield_file.name}")
+            image, averaged = read_widefield(node.widefield_file, camera_shape)
+            self._widefield = (image, averaged, f"file:{node.widefield_file.name}")
+        # Compiled and run once now, for the field it will see: a runtime that cannot run
+        # the model is a named node error at start, not a dead node 500 frames later.
+        field = (camera_shape[1] * camera_pixel_nm, camera_shape[0] * camera_pixel_nm)
+        try:
+            self.predictor.predict_input(np.zeros((2, *self.grid.shape(field)), np.float32))
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"the dense model cannot run on runtime {node.runtime!r}: "
+                              f"{type(exc).__name__}: {exc}") from None
         self._next_prediction = node.every_frames
         self._predicted_frames = -1
         self._last: Frame | None = None

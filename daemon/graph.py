@@ -200,11 +200,12 @@ def _dense(node: DenseNodeConfig, ctx: BuildContext) -> Stage:
     try:
         from .dense_stage import DenseStage
 
-        return DenseStage(node, ctx.run_dir, ctx.calibration, ctx.frame_shape)
+        return DenseStage(node, ctx.run_dir, ctx.calibration, ctx.frame_shape,
+                          ctx.pixel_size_um * 1000.0)
     except ImportError as exc:  # onnx/openvino/scipy of the smlm extra absent
         raise EngineError(f"node {node.name!r} needs the smlm extra (pip install "
                           f"'dimscope[smlm]'): {exc}") from None
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         raise EngineError(f"node {node.name!r}: {exc}") from None
 
 

@@ -117,14 +117,10 @@ class TopicSink:
     With payload `trust` it sends each frame's trust map instead, and passes over frames
     that have none (raw and passthrough frames; counted in `without_trust`)."""
 
-    def __init__(self, topic: str, socket: PublishSocket, payload: Payload = "frame",
-                 kinds: tuple[str, ...] = ()) -> None:
+    def __init__(self, topic: str, socket: PublishSocket, payload: Payload = "frame") -> None:
         self.topic = topic
         self.payload = payload
         self.without_trust = 0
-        #: only frames of these kinds are sent (empty: all); the others are counted
-        self.kinds = kinds
-        self.other_kinds = 0
         self._topic_bytes = topic.encode()
         self._socket = socket
         self.seq = 0
@@ -135,9 +131,6 @@ class TopicSink:
         pass
 
     def append(self, frame: Frame) -> bool:
-        if self.kinds and frame.kind not in self.kinds:
-            self.other_kinds += 1
-            return True  # not this topic's: not a loss
         if self.payload == "trust":
             trust = trust_frame(frame)
             if trust is None:
@@ -170,9 +163,25 @@ class PublishStage(SinkStage):
     def __init__(self, topic: str, socket: PublishSocket, queue_frames: int,
                  name: str | None = None, payload: Payload = "frame",
                  kinds: tuple[str, ...] = ()) -> None:
-        self.topic_sink = TopicSink(topic, socket, payload, kinds)
+        self.topic_sink = TopicSink(topic, socket, payload)
         super().__init__(name or f"publish_{topic}", self.topic_sink, queue_frames,
                          OverflowPolicy.DROP_OLDEST)
         self.topic = topic
+        #: only frames of these kinds are queued and sent (empty: all); the others are
+        #: counted here and never enter the queue, so they cannot push out this topic's
+        self.kinds = kinds
+        self.other_kinds = 0
         #: acquisition-to-send latency (the stage's `latency` is its own processing time)
         self.end_to_end = self.topic_sink.end_to_end
+
+    def offer(self, frame: Frame, wait_s: float = 0.0) -> None:
+        if self.kinds and frame.kind not in self.kinds:
+            self.other_kinds += 1  # one upstream worker offers: no lock needed
+            return
+        super().offer(frame, wait_s)
+
+    def snapshot(self) -> dict[str, object]:
+        snap = super().snapshot()
+        if self.kinds:
+            snap["other_kinds"] = self.other_kinds
+        return snap

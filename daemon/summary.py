@@ -80,6 +80,8 @@ class StageStats(_Report):
     drift_estimates: int | None = Field(None, description="render: drift estimates applied "
                                         "(drift.jsonl)")
     frames_averaged: int | None = Field(None, description="mean: raw frames in the mean")
+    other_kinds: int | None = Field(None, description="publish with `kinds`: frames of other "
+                                    "kinds, not this topic's (never queued)")
     predictions: int | None = Field(None, description="dense: predictions made")
     skipped_no_widefield: int | None = Field(None, description="dense: predictions skipped "
                                              "for want of a widefield image")
@@ -116,7 +118,8 @@ class SmlmReadyReport(_Report):
 
     node: str
     ready: bool
-    #: frames acquired when `ready` fired (None: it never did), against the frame limit
+    #: frames localized (and received by the node) when `ready` fired (None: it never
+    #: did), against the run's frame limit
     frames_used: int | None
     max_frames: int | None
     stop_when_ready: bool

@@ -104,6 +104,9 @@ class ModelEngine:
         self.card, self.digest = opened.card, opened.digest
         #: SHA-256 of the network in service, and whether every model served matched its card
         self.model_sha256, self.verified = opened.sha256, opened.verified
+        if self.card.task == "dense":
+            raise EngineError(f"model {self.path.name} is a sparse-to-dense (localization "
+                              "microscopy) model: it runs in a `dense` node, not as an engine")
         self.norm = self.card.norm()
         if self.card.guide is not None and not isinstance(self.norm, VSTNorm):
             raise EngineError(f"model {self.path.name}: a guided model needs the 'vst' "

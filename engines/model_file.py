@@ -71,7 +71,7 @@ class DenseProvenance(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     #: the render grid and input widths (`smlm.dense.DenseGrid.as_dict`)
-    grid: dict[str, float]
+    grid: dict[str, Any]
     #: structure classes and real density maps trained on; held out ones are not listed
     structures: list[str] = Field(default_factory=list)
     #: frames of a full (target) acquisition, and the range of input fractions of it

@@ -11,7 +11,7 @@ WO2019025298A1; re-implementing it does not avoid the patent — check before co
 
 Each channel is divided by ten times its mean over the whole field (not per tile, so tiles of
 one field share one scale): a structure's pixels then have about the same value whatever
-the number of frames, which is what lets one network serve 1 % to 15 % of the frames.
+the number of frames, which is what lets one network serve 0.5 % to 15 % of the frames.
 
 **Output**: the dense image in the units of the target — the localizations of all frames
 rendered the same way (`target_image`), normalised the same way. The network is a
@@ -62,18 +62,20 @@ class DenseGrid:
     render_pixel_nm: float = 20.0
     input_sigma_px: float = 1.0
     target_sigma_px: float = 1.0
+    #: the channel the network's residual is added to (the last one): `sparse` or `widefield`
+    base: str = "sparse"
 
     def shape(self, extent_nm: tuple[float, float]) -> tuple[int, int]:
         return grid_shape(extent_nm, self.render_pixel_nm)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         return {"render_pixel_nm": self.render_pixel_nm, "input_sigma_px": self.input_sigma_px,
-                "target_sigma_px": self.target_sigma_px}
+                "target_sigma_px": self.target_sigma_px, "base": self.base}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DenseGrid:
         return cls(float(d["render_pixel_nm"]), float(d["input_sigma_px"]),
-                   float(d["target_sigma_px"]))
+                   float(d["target_sigma_px"]), str(d.get("base", "sparse")))
 
 
 def _normalised(img: F32) -> F32:
@@ -122,9 +124,11 @@ def check_widefield(widefield_shape: tuple[int, ...], camera_shape: tuple[int, i
 
 def model_input(locs: LocBlock, widefield: npt.ArrayLike, extent_nm: tuple[float, float],
                 grid: DenseGrid) -> F32:
-    """(2, H, W): widefield, sparse render (see the module docstring)."""
+    """(2, H, W): widefield, sparse render — or the reverse with `grid.base` `widefield`
+    (the network adds its residual to the last channel)."""
     shape = grid.shape(extent_nm)
-    return np.stack([widefield_channel(widefield, shape), sparse_channel(locs, extent_nm, grid)])
+    channels = [widefield_channel(widefield, shape), sparse_channel(locs, extent_nm, grid)]
+    return np.stack(channels[::-1] if grid.base == "widefield" else channels)
 
 
 # ----------------------------------------------------------------------------- training data
@@ -212,7 +216,8 @@ class DensePredictor:
 
         out = run_tiled(inputs, self._run, tile=self.tile, halo=self.halo, scale=1,
                         multiple=self.card.multiple)
-        return np.clip(out, 0, None).astype(np.float32)
+        dense: F32 = np.clip(out, 0, None).astype(np.float32)
+        return dense
 
     def predict(self, locs: LocBlock, widefield: npt.ArrayLike,
                 extent_nm: tuple[float, float]) -> F32:

@@ -11,9 +11,9 @@ camera grid:
   own noise (Poisson–Gaussian from the camera calibration, divided by the frames averaged
   when the widefield image is the mean of raw frames), matched-filtered with the PSF and
   rescaled to unit variance for pure noise. A pixel is **flagged** when its |value| exceeds
-  `flag_sigma`, or when the residual exceeds `relative_tolerance` of the local intensity (a
-  widefield image averaged over many frames is so clean that a perfect model of the
-  forward optics would be needed to pass on noise alone). Flags are what `trust` reports;
+  `flag_sigma` **and** the smoothed residual exceeds `relative_tolerance` of the local
+  intensity (a widefield image averaged over many frames is so clean that, on noise alone,
+  only a perfect model of the optics would pass). Flags are what `trust` reports;
 - `dissimilarity`: 1 − local SSIM of the two, weighted by the widefield intensity
   (SQUIRREL's display map; it needs a high-SNR widefield image, which this is).
 
@@ -75,21 +75,37 @@ class ErrorMap:
                 "psf_sigma_nm": round(self.psf_sigma_nm, 1)}
 
 
-def binned(image: npt.ArrayLike, factor: int, shape: tuple[int, int]) -> F64:
-    """Sum `factor`×`factor` blocks of a render-grid image onto a camera grid of `shape`."""
+def binned(image: npt.ArrayLike, render_pixel_nm: float, camera_pixel_nm: float,
+           shape: tuple[int, int]) -> F64:
+    """A render-grid image integrated over the pixels of a camera grid of `shape` (any ratio
+    of pixel sizes: the render pixels are taken as constant patches and cut at the camera
+    pixels' edges, through the image's integral)."""
     img = np.asarray(image, np.float64)
-    h, w = shape
-    padded = np.zeros((h * factor, w * factor))
-    hh, ww = min(h * factor, img.shape[0]), min(w * factor, img.shape[1])
-    padded[:hh, :ww] = img[:hh, :ww]
-    return np.asarray(padded.reshape(h, factor, w, factor).sum(axis=(1, 3)), np.float64)
+    integral = np.zeros((img.shape[0] + 1, img.shape[1] + 1))
+    integral[1:, 1:] = img.cumsum(0).cumsum(1)
+    step = camera_pixel_nm / render_pixel_nm
+    rows = np.clip(np.arange(shape[0] + 1) * step, 0, img.shape[0])
+    cols = np.clip(np.arange(shape[1] + 1) * step, 0, img.shape[1])
+
+    def along(a: F64, edges: F64, axis: int) -> F64:
+        """`a` (cumulative along `axis`) at fractional `edges`: linear between samples."""
+        i = np.minimum(np.floor(edges).astype(np.int64), a.shape[axis] - 2)
+        t = edges - i
+        lo, hi = np.take(a, i, axis=axis), np.take(a, i + 1, axis=axis)
+        shape_t = [1, 1]
+        shape_t[axis] = len(t)
+        return np.asarray(lo + (hi - lo) * t.reshape(shape_t), np.float64)
+
+    at = along(along(integral, rows, 0), cols, 1)
+    return np.asarray(at[1:, 1:] - at[:-1, 1:] - at[1:, :-1] + at[:-1, :-1], np.float64)
 
 
-def forward(dense: npt.ArrayLike, factor: int, shape: tuple[int, int], sigma_nm: float,
-            render_pixel_nm: float) -> F64:
-    """The dense image blurred by the PSF (on its fine grid) and binned to camera pixels."""
-    return binned(gaussian_filter(np.asarray(dense, np.float64), sigma_nm / render_pixel_nm,
-                                  mode="constant"), factor, shape)
+def forward(dense: npt.ArrayLike, render_pixel_nm: float, camera_pixel_nm: float,
+            shape: tuple[int, int], sigma_nm: float) -> F64:
+    """The dense image blurred by the PSF (on its fine grid), integrated over camera pixels."""
+    blurred = gaussian_filter(np.asarray(dense, np.float64), sigma_nm / render_pixel_nm,
+                              mode="constant")
+    return binned(blurred, render_pixel_nm, camera_pixel_nm, shape)
 
 
 def _affine(pred: F64, wf: F64, weight: F64) -> tuple[float, float, float]:
@@ -111,9 +127,8 @@ def compute(dense: npt.ArrayLike, widefield: npt.ArrayLike, render_pixel_nm: flo
             ) -> ErrorMap:
     """The error map of a dense prediction against a widefield image (camera grid, ADU)."""
     wf = np.asarray(widefield, np.float64)
-    factor = round(camera_pixel_nm / render_pixel_nm)
-    if factor < 1 or abs(factor * render_pixel_nm - camera_pixel_nm) > 1e-3 * camera_pixel_nm:
-        raise ValueError(f"the render pixel ({render_pixel_nm} nm) must divide the camera "
+    if camera_pixel_nm < render_pixel_nm:
+        raise ValueError(f"the render pixel ({render_pixel_nm} nm) is larger than the camera "
                          f"pixel ({camera_pixel_nm} nm)")
     g = settings.gain_adu_per_e
     var = (g * np.clip(wf - settings.offset_adu, 0, None) + (g * settings.read_noise_e) ** 2
@@ -122,8 +137,8 @@ def compute(dense: npt.ArrayLike, widefield: npt.ArrayLike, render_pixel_nm: flo
     weight = 1.0 / var
     lo, hi = settings.fit_range
     sigmas = settings.psf_sigma_nm * np.linspace(lo, hi, 13)
-    fits = [(s, *_affine(forward(dense, factor, wf.shape, s, render_pixel_nm), wf, weight))
-            for s in sigmas]
+    fits = [(s, *_affine(forward(dense, render_pixel_nm, camera_pixel_nm, wf.shape, s), wf,
+                         weight)) for s in sigmas]
     best = int(np.argmin([f[3] for f in fits]))
     sigma = float(fits[best][0])
     if 0 < best < len(fits) - 1:  # parabola through the neighbours
@@ -131,7 +146,7 @@ def compute(dense: npt.ArrayLike, widefield: npt.ArrayLike, render_pixel_nm: flo
         denom = e0 - 2 * e1 + e2
         if denom > 0:
             sigma += 0.5 * float(sigmas[1] - sigmas[0]) * (e0 - e2) / denom
-    pred_raw = forward(dense, factor, wf.shape, sigma, render_pixel_nm)
+    pred_raw = forward(dense, render_pixel_nm, camera_pixel_nm, wf.shape, sigma)
     a, b, _ = _affine(pred_raw, wf, weight)
     pred = a * pred_raw + b
     residual = wf - pred
@@ -163,7 +178,8 @@ def _dissimilarity(wf: F64, pred: F64) -> F32:
 
     top = max(float(np.percentile(wf, 99.9)), 1e-12)
     a, b = np.clip(wf / top, 0, None), np.clip(pred / top, 0, None)
-    _, local = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False, full=True)
+    _, local = structural_similarity(  # type: ignore[no-untyped-call]
+        a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        full=True)
     weight = np.clip(a, 0, 1)
     return np.asarray((1.0 - local) * weight, np.float32)

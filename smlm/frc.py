@@ -21,10 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.signal.windows import tukey
 
 from .block import LocBlock
-from .render import extent_of, histogram_xy
 
 F64 = npt.NDArray[np.float64]
 THRESHOLD = 1.0 / 7.0
@@ -71,6 +69,11 @@ def frc_curve(img_a: F64, img_b: F64) -> tuple[F64, F64]:
 def frc(locs: LocBlock, pixel_nm: float = 5.0, block_frames: int = 500,
         extent_nm: tuple[float, float] | None = None, smooth: int = 5) -> FRCResult:
     """FRC resolution (nm) of `locs` (see the module docstring)."""
+    # Imported here: the ready rule's settings (daemon config) import this module.
+    from scipy.signal.windows import tukey
+
+    from .render import extent_of, histogram_xy
+
     a, b = split_halves(locs, block_frames)
     ext = extent_nm or extent_of(locs)
     side = max(ext)

@@ -76,8 +76,8 @@ def test_the_error_map_finds_inserted_and_removed_structures(field: SimField) ->
         r, c = (int(v) for v in rng.integers(60, (h - 60, w - 60)))
         blob = np.zeros_like(field.target)
         blob[r - 3:r + 4, c - 3:c + 4] = 1.0
-        peak = errormap.forward(blob, 5, field.widefield.shape, honest.psf_sigma_nm,
-                                GRID.render_pixel_nm).max() * honest.scale
+        peak = errormap.forward(blob, GRID.render_pixel_nm, CAM.pixel_nm,
+                                field.widefield.shape, honest.psf_sigma_nm).max() * honest.scale
         inserted = field.target + blob * (3.0 * noise / peak)
         m = errormap.compute(inserted, field.widefield, GRID.render_pixel_nm, CAM.pixel_nm,
                              ERR)
@@ -154,7 +154,12 @@ def test_a_live_run_publishes_dense_trust_and_ready_and_archives_everything(
     meta = header["smlm"]
     assert meta["model"].startswith("dense@") and len(meta["model_sha256"]) == 64
     assert meta["widefield"].startswith("mean of ")
-    assert int(meta["localizations"]) > 0 and int(meta["frames"]) % 250 == 0
+    # A prediction every 250 frames or so (at the first block past each), and one of the
+    # whole run at its end.
+    covered = [int(h["smlm"]["frames"]) for h, _ in dense]
+    assert covered == sorted(set(covered)) and len(covered) >= 3
+    assert covered[-1] == summary["stages"]["localize"]["frames_localized"]
+    assert int(meta["localizations"]) == summary["stages"]["localize"]["localizations"]
     trust = [(h, p) for t, h, p in messages if t == "trust"]
     assert trust and trust[0][1].shape == (48, 48) and trust[0][0]["kind"] == "error_map"
     assert "diffraction limit" in trust[0][0]["smlm"]["limit"]
@@ -223,3 +228,24 @@ def test_smlm_dense_offline_and_its_bad_inputs(tmp_path: Path, field: SimField) 
     bad = dimscope("smlm", "dense", broken, "--widefield", wf, "--out", tmp_path / "y.tif")
     assert bad.returncode == 2 and "x [nm]" in bad.stderr
     assert not (tmp_path / "x.tif").exists() and not (tmp_path / "y.tif").exists()
+
+
+@pytest.mark.parametrize(("nodes", "problem"), [
+    ([{"kind": "localize", "name": "localize"},
+      {"kind": "dense", "name": "dense", "upstream": "engine", "widefield_file": "wf.tif"}],
+     "dense node takes localizations"),
+    ([{"kind": "localize", "name": "localize"},
+      {"kind": "dense", "name": "dense", "upstream": "localize"}],
+     "exactly one of `widefield`"),
+    ([{"kind": "localize", "name": "localize"},
+      {"kind": "dense", "name": "dense", "upstream": "localize", "widefield": "localize"}],
+     "is not an earlier mean node"),
+    ([{"kind": "mean", "name": "m", "upstream": "engine"}], "must be 'acquisition'"),
+])
+def test_a_badly_declared_dense_graph_is_a_config_error(tmp_path: Path,
+                                                        nodes: list[dict[str, object]],
+                                                        problem: str) -> None:
+    from dimscope.daemon.config import ConfigError
+
+    with pytest.raises(ConfigError, match=problem):
+        make_config(tmp_path, stages=nodes)

@@ -28,6 +28,7 @@ import torch
 
 from dimscope.smlm.block import LocBlock
 from dimscope.smlm.dense import (
+    NORM_MEAN_FACTOR,
     PATENT_NOTICE,
     DenseGrid,
     first_frames,
@@ -69,17 +70,17 @@ class SimField:
     target: np.ndarray
     extent_nm: tuple[float, float]
     frames: int
+    settings: SimSettings
 
     def sparse(self, n_frames: int) -> LocBlock:
         return first_frames(self.locs, n_frames)
 
-    def raw_mean(self, n_frames: int, settings: SimSettings, rng: np.random.Generator
-                 ) -> np.ndarray:
+    def raw_mean(self, n_frames: int, rng: np.random.Generator) -> np.ndarray:
         keep = self.truth.frame < n_frames
         part = GroundTruth(self.truth.frame[keep], self.truth.ids[keep], self.truth.x_nm[keep],
                            self.truth.y_nm[keep], self.truth.photons[keep],
                            self.truth.drift_nm[:n_frames])
-        return raw_mean_from_truth(part, settings, n_frames, rng)
+        return raw_mean_from_truth(part, self.settings, n_frames, rng)
 
 
 def structure_for(spec: str, settings: SimSettings, rng: np.random.Generator) -> Any:
@@ -128,7 +129,7 @@ def simulate_field(spec: str, seed: int, frames_full: int, grid: DenseGrid,
     locs = localizations_from_truth(truth, rng, settings)
     extent = settings.extent_nm
     return SimField(structure.name, truth, locs, widefield,
-                    target_image(locs, extent, grid), extent, frames_full)
+                    target_image(locs, extent, grid), extent, frames_full, settings)
 
 
 def simulate_fields(specs: list[str], per_structure: int, frames_full: int, grid: DenseGrid,
@@ -142,10 +143,10 @@ def simulate_fields(specs: list[str], per_structure: int, frames_full: int, grid
 
 
 def sample_input(f: SimField, fraction: float, use_widefield_frame: bool, grid: DenseGrid,
-                 rng: np.random.Generator, settings: SimSettings | None = None) -> np.ndarray:
+                 rng: np.random.Generator) -> np.ndarray:
     """The (2, H, W) model input of field `f` from its first `fraction` of the frames."""
     n = frames_for_fraction(f.frames, fraction)
-    wf = f.widefield if use_widefield_frame else f.raw_mean(n, settings or SimSettings(), rng)
+    wf = f.widefield if use_widefield_frame else f.raw_mean(n, rng)
     return model_input(f.sparse(n), wf, f.extent_nm, grid)
 
 
@@ -224,20 +225,20 @@ def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] 
     net = build_network("restore", **hparams)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)
     checkpoint = out.with_suffix(".ckpt")
-    step, history = 0, []
+    step, history, running = 0, [], 0.0
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), list(state["history"])
         rng.bit_generator.state = state["rng"]
+        running = float(history[-1]["loss"]) if history else 0.0
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, settings.steps)
                                                  / settings.steps)) * 0.99 + 0.01,
         last_epoch=step - 1 if step else -1)
     batches = DenseBatches(fields, settings, rng)
     bar = _progress(settings.steps, step) if progress else None
-    running = 0.0
     net.train()
     while step < settings.steps:
         x, y = batches.batch()
@@ -248,7 +249,7 @@ def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] 
         schedule.step()
         step += 1
         value = loss.item()
-        running = 0.98 * running + 0.02 * value if step > 1 else value
+        running = 0.98 * running + 0.02 * value if running else value
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
@@ -262,7 +263,7 @@ def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] 
     card = ModelCard(
         name=settings.name, task="dense", arch="restore", hparams=hparams,
         multiple=multiple_of("restore", hparams), inputs=1, window=1,
-        normalization={"kind": "dense", "mean_factor": 10.0},
+        normalization={"kind": "dense", "mean_factor": NORM_MEAN_FACTOR},
         training={"steps": settings.steps, "batch": settings.batch, "patch": settings.patch,
                   "lr": settings.lr, "seed": settings.seed, "history": history[-5:],
                   "fields_per_structure": settings.fields_per_structure,
