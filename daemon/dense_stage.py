@@ -124,6 +124,8 @@ class DenseStage(Stage):
 
     #: at stop, the blocks still queued and the final prediction of the whole run (a few s)
     drain_timeout_s = 120.0
+    #: predictions yield the cores to acquisition, the archive and the localizer
+    nice = 10
 
     def __init__(self, node: DenseNodeConfig, run_dir: Path, calibration: CameraCalibration,
                  camera_shape: tuple[int, int], camera_pixel_nm: float) -> None:
@@ -193,6 +195,8 @@ class DenseStage(Stage):
     def _predict(self, frame: Frame) -> None:
         import time
 
+        from scipy.ndimage import shift as ndi_shift
+
         from dimscope.smlm import errormap
         from dimscope.smlm.ready import ReadyRule
 
@@ -210,6 +214,14 @@ class DenseStage(Stage):
                              f"{self.locs.camera_shape}")
         started = time.monotonic()
         locs, meta = self.locs.table()
+        if origin.startswith("mean of") and self.locs.drift is not None:
+            # The mean of drifting raw frames sits at their mean drift; the localizations are
+            # corrected to frame 0: shift the mean back, or every edge reads as an error.
+            dx, dy = self.locs.mean_drift_nm(averaged)
+            px = self.locs.camera_pixel_nm
+            image = np.asarray(ndi_shift(image, (-dy / px, -dx / px), order=1,
+                                         mode="nearest"), np.float32)
+            meta.update(widefield_shift_nm=f"{-dx:.1f},{-dy:.1f}")
         dense = self.predictor.predict(locs, image, self.locs.field_nm)
         emap = errormap.compute(dense, image, self.grid.render_pixel_nm,
                                 self.locs.camera_pixel_nm, self.error_settings,

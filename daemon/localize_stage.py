@@ -232,6 +232,16 @@ class LocAccumulator:
         self.camera_pixel_nm = 0.0
         self.camera_shape: tuple[int, int] = (0, 0)
         self.drift_estimates = 0
+        #: the newest drift estimate applied (`smlm.drift.DriftEstimate`), None before one
+        self.drift: Any = None
+
+    def mean_drift_nm(self, frames: int) -> tuple[float, float]:
+        """The drift (x, y nm) averaged over frames 0..frames-1: where a mean of those raw
+        frames sits relative to frame 0 (0, 0 before any estimate)."""
+        if self.drift is None or frames <= 0:
+            return (0.0, 0.0)
+        n = min(frames, self.drift.n_frames)
+        return (float(np.mean(self.drift.dx_nm[:n])), float(np.mean(self.drift.dy_nm[:n])))
 
     def add(self, frame: Frame) -> None:
         from dimscope.smlm.table import block_from_ipc
@@ -278,6 +288,7 @@ class LocAccumulator:
 
         est = rcc(locs, n_frames=n_frames, n_segments=segments, extent_nm=self.field_nm)
         self.drift_estimates += 1
+        self.drift = est
         record = {"node": self.node_name, "frames": n_frames, "segments": segments,
                   "segment_frames": est.segment_frames.round(1).tolist(),
                   "segment_drift_nm": est.segment_drift_nm.round(2).tolist(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -43,6 +44,9 @@ class Stage:
 
     #: how long the pipeline lets it drain at stop; None: the pipeline's default
     drain_timeout_s: float | None = None
+    #: the worker thread's niceness increment (Linux): > 0 for heavy analysis that must
+    #: yield the cores to acquisition, archiving and localization when they compete
+    nice: int = 0
 
     def __init__(self, name: str, capacity: int, policy: OverflowPolicy) -> None:
         if capacity < 1:
@@ -205,6 +209,12 @@ class Stage:
         return frame
 
     def _run(self) -> None:
+        if self.nice:
+            try:  # per thread on Linux: a thread is a task with its own nice value
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
+            except (AttributeError, OSError) as exc:
+                log.warning("stage %s: cannot lower its priority: %s", self.name, exc)
         while (frame := self._next()) is not None:
             t0 = time.monotonic_ns()
             try:

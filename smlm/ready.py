@@ -118,7 +118,8 @@ class ReadyRule:
         if frames < s.min_frames:
             c.failing.append(f"frames {frames} < {s.min_frames}")
         if s.criterion in ("frc", "both"):
-            c.frc_nm = self._frc(locs, frames)
+            # Not before min_frames: it could not make the run ready, and it costs the most.
+            c.frc_nm = self._frc(locs, frames) if frames >= s.min_frames else math.nan
             if not c.frc_nm <= s.target_resolution_nm:  # NaN (too few frames) fails too
                 c.failing.append(f"FRC {c.frc_nm:.0f} nm > {s.target_resolution_nm:g} nm")
         if s.criterion in ("density", "both"):
