@@ -211,7 +211,7 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torc
 def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] | None = None,
                 progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train and export `out` (.onnx with its card); a checkpoint beside it resumes."""
-    from .train import _progress
+    from .train import _progress, cosine_schedule, restore_checkpoint, save_checkpoint
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -225,18 +225,11 @@ def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] 
     net = build_network("restore", **hparams)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)
     checkpoint = out.with_suffix(".ckpt")
-    step, history, running = 0, [], 0.0
+    step, running = 0, 0.0
+    history: list[dict[str, Any]] = []
     if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), list(state["history"])
-        rng.bit_generator.state = state["rng"]
-        running = float(history[-1]["loss"]) if history else 0.0
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, settings.steps)
-                                                 / settings.steps)) * 0.99 + 0.01,
-        last_epoch=step - 1 if step else -1)
+        step, history, running = restore_checkpoint(checkpoint, net, optimizer, rng)
+    schedule = cosine_schedule(optimizer, settings.steps, step)
     batches = DenseBatches(fields, settings, rng)
     bar = _progress(settings.steps, step) if progress else None
     net.train()
@@ -255,9 +248,7 @@ def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] 
             bar.set_postfix(loss=f"{running:.4f}")
         if step % 200 == 0 or step == settings.steps:
             history.append({"step": step, "loss": round(running, 5)})
-            torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "history": history, "rng": rng.bit_generator.state},
-                       checkpoint)
+            save_checkpoint(checkpoint, net, optimizer, step, history, running, rng)
     if bar is not None:
         bar.close()
     card = ModelCard(

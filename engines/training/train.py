@@ -439,6 +439,36 @@ def _progress(total: int, initial: int) -> Any:
         return None
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, step: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay to 1 % of the learning rate over `steps`, resumed at `step`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)) * 0.99 + 0.01,
+        last_epoch=step - 1 if step else -1)
+
+
+def save_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    step: int, history: list[dict[str, Any]], running: float,
+                    rng: np.random.Generator, **extra: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "history": history, "running_loss": running, "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(), **extra}, path)
+
+
+def restore_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       rng: np.random.Generator) -> tuple[int, list[dict[str, Any]], float]:
+    """Network, optimiser and random states from `save_checkpoint`; (step, history, running
+    loss)."""
+    state = torch.load(path, weights_only=False)
+    net.load_state_dict(state["net"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resumed from %s at step %d", path, int(state["step"]))
+    return int(state["step"]), list(state["history"]), float(state["running_loss"])
+
+
 def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
           resume: bool = False, progress: bool = True, pause_at: int | None = None
           ) -> dict[str, Any]:
@@ -478,16 +508,10 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
 
         net.load_state_dict(network_from_file(init_path, init_card).state_dict())
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)
-    step, history, running = 0, [], 0.0
+    step, running = 0, 0.0
+    history: list[dict[str, Any]] = []
     if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), list(state["history"])
-        running = float(state["running_loss"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resumed from %s at step %d", checkpoint, step)
+        step, history, running = restore_checkpoint(checkpoint, net, optimizer, rng)
     sampler: PairSampler | TripletSampler | ClipBatches | TransferSampler | GuidedBatches
     if settings.guide is not None:
         sampler = guided_batches(settings, out, rng)
@@ -503,9 +527,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         sampler = PairSampler(settings, rng)
         val_pairs = load_validation(settings)
     multiple = multiple_of(settings.arch, hparams)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, settings.steps) / settings.steps))
-        * 0.99 + 0.01, last_epoch=step - 1 if step else -1)
+    schedule = cosine_schedule(optimizer, settings.steps, step)
     bar = _progress(settings.steps, step) if progress else None
     started = time.monotonic()
     val_psnr = history[-1]["val_psnr"] if history else float("nan")
@@ -545,12 +567,8 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
                 val_psnr = validate(net, val_pairs, multiple)
             history.append({"step": step, "loss": running, "val_psnr": val_psnr})
         if step % settings.checkpoint_every == 0 or step == last:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "history": history, "running_loss": running,
-                        "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                        "settings": asdict(settings)},
-                       checkpoint)
+            save_checkpoint(checkpoint, net, optimizer, step, history, running, rng,
+                            settings=asdict(settings))
         if bar is not None:
             bar.set_postfix(loss=f"{running:.4f}", val_psnr=f"{val_psnr:.2f}")
             bar.update(1)
