@@ -7,6 +7,7 @@
     smlm drift TABLE --out DRIFT.csv          RCC drift per frame (render/frc --drift apply it)
     smlm recover TABLE                        make a killed run's .arrows table valid again
     smlm dense TABLE --widefield WF --out IMG dense prediction (+ --error-map, plain-render FRC)
+    smlm train --structures ... --out M.onnx  train a sparse-to-dense model on the simulator
 
 TABLE by extension: `.arrows` (dimscope's crash-safe Arrow IPC stream; `localize` appends one
 block at a time, so a killed `localize` leaves every finished block readable), `.csv`
@@ -332,11 +333,37 @@ def cmd_smlm_dense(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_smlm_train(args: argparse.Namespace) -> int:
+    """A sparse-to-dense model trained on simulated acquisitions (engines/training/dense.py)."""
+    try:
+        import torch  # noqa: F401 (the train extra)
+    except ImportError:
+        return _fail("smlm train needs the `train` extra (pip install 'dimscope[train]')")
+    import numpy as np
+
+    from dimscope.engines.training.dense import DenseTrainSettings, structure_for, train_dense
+    from dimscope.smlm.simulate import SimSettings
+
+    for spec in args.structures:  # every structure checked before minutes of simulation
+        try:
+            structure_for(spec, SimSettings(shape=(32, 32)), np.random.default_rng(0))
+        except (ValueError, OSError) as exc:
+            return _fail(f"--structures {spec}: {exc}")
+    settings = DenseTrainSettings(structures=list(args.structures),
+                                  fields_per_structure=args.fields, frames_full=args.frames,
+                                  steps=args.steps, batch=args.batch, seed=args.seed,
+                                  name=args.out.stem)
+    result = train_dense(settings, args.out, progress=not args.quiet, resume=args.resume)
+    print(f"wrote {result['model']} (+ {args.out.with_suffix('.json').name}): "
+          f"{result['steps']} steps, loss {result['loss']:.4f}")
+    return EXIT_OK
+
+
 def add_smlm_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add `smlm` and its subcommands to an `add_subparsers()` object; returns `smlm`'s parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "smlm", help="localization microscopy: simulate, localize, render, frc, drift, dense, "
-        "recover")
+        "train, recover")
     sub = p.add_subparsers(dest="smlm_command", required=True)
 
     s = sub.add_parser("simulate", help="simulated SMLM frames with their ground truth")
@@ -429,6 +456,20 @@ def add_smlm_commands(subparsers: Any) -> argparse.ArgumentParser:
     de.add_argument("--flag-sigma", type=float, default=5.0)
     de.add_argument("--json", action="store_true")
     de.set_defaults(func=cmd_smlm_dense)
+
+    tr = sub.add_parser("train", help="train a sparse-to-dense model on simulated "
+                                      "acquisitions (L1 + SSIM; no adversarial loss)")
+    tr.add_argument("--structures", nargs="+", default=["filaments", "rings", "random"],
+                    help="filaments, rings, random, image:PATH[::CHANNEL] (a density map)")
+    tr.add_argument("--fields", type=int, default=6, help="simulated fields per structure")
+    tr.add_argument("--frames", type=int, default=10_000, help="frames of a full acquisition")
+    tr.add_argument("--steps", type=int, default=4000)
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", type=Path, required=True, help="the model (.onnx; card beside)")
+    tr.add_argument("--resume", action="store_true", help="from OUT's .ckpt")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_smlm_train)
 
     rc = sub.add_parser("recover", help="make a killed run's .arrows table valid again")
     rc.add_argument("table", type=Path)

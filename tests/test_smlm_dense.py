@@ -249,3 +249,17 @@ def test_a_badly_declared_dense_graph_is_a_config_error(tmp_path: Path,
 
     with pytest.raises(ConfigError, match=problem):
         make_config(tmp_path, stages=nodes)
+
+
+def test_smlm_train_makes_a_dense_model_the_node_can_load(tmp_path: Path) -> None:
+    out = tmp_path / "mine.onnx"
+    done = dimscope("smlm", "train", "--structures", "rings", "--fields", "1", "--frames",
+                    "400", "--steps", "3", "--batch", "2", "--out", out, "--quiet")
+    assert done.returncode == 0, done.stderr
+    loaded = DensePredictor(out)
+    assert loaded.card.task == "dense" and loaded.card.dense is not None
+    assert loaded.card.dense.structures == ["rings"] and not loaded.card.dense.adversarial_loss
+    assert "WO2019025298A1" in loaded.card.dense.notice
+    bad = dimscope("smlm", "train", "--structures", "spirals", "--out", tmp_path / "x.onnx")
+    assert bad.returncode == 2 and "unknown structure 'spirals'" in bad.stderr
+    assert not (tmp_path / "x.onnx").exists()
