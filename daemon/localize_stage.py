@@ -304,6 +304,9 @@ class LocAccumulator:
 class RenderStage(Stage):
     """Super-resolution renders of the localizations so far, every `every_frames` frames."""
 
+    #: renders (and their drift estimates) yield the cores to acquisition and localization
+    nice = 10
+
     def __init__(self, node: RenderNodeConfig, run_dir: Path) -> None:
         super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
         self.node = node
