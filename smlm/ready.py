@@ -16,7 +16,8 @@ Ready when **all** hold, checked at each dense prediction:
 
 Localizations with no structure (shuffled across the field) give an FRC that falls below
 1/7 at the lowest frequencies — no resolution — so criterion 2 (`frc`) never holds for them,
-and their dense prediction disagrees with the widefield image (criterion 4).
+and their dense prediction disagrees with the widefield image (criterion 4). The FRC, the
+costliest, is computed only when every other criterion holds (else reported as null).
 """
 
 from __future__ import annotations
@@ -117,23 +118,27 @@ class ReadyRule:
         c = ReadyCheck(frames=frames, localizations=len(locs), flagged=flagged)
         if frames < s.min_frames:
             c.failing.append(f"frames {frames} < {s.min_frames}")
-        if s.criterion in ("frc", "both"):
-            # Not before min_frames: it could not make the run ready, and it costs the most.
-            c.frc_nm = self._frc(locs, frames) if frames >= s.min_frames else math.nan
-            if not c.frc_nm <= s.target_resolution_nm:  # NaN (too few frames) fails too
-                c.failing.append(f"FRC {c.frc_nm:.0f} nm > {s.target_resolution_nm:g} nm")
-        if s.criterion in ("density", "both"):
-            c.density_per_um2 = structure_density(locs, dense, render_pixel_nm)
-            c.nyquist_per_um2 = (2.0 / (s.target_resolution_nm / 1000.0)) ** 2
-            if c.density_per_um2 < c.nyquist_per_um2:
-                c.failing.append(f"density {c.density_per_um2:.0f}/µm² < Nyquist "
-                                 f"{c.nyquist_per_um2:.0f}/µm²")
         c.change = relative_change(dense, self._previous)
         self._previous = np.array(dense, copy=True)
         if not c.change <= s.max_change:
             c.failing.append(f"dense change {c.change:.3f} > {s.max_change:g}")
         if not flagged <= s.max_flagged:
             c.failing.append(f"error map flags {flagged:.2%} > {s.max_flagged:.2%}")
+        if s.criterion in ("density", "both"):
+            c.density_per_um2 = structure_density(locs, dense, render_pixel_nm)
+            c.nyquist_per_um2 = (2.0 / (s.target_resolution_nm / 1000.0)) ** 2
+            if c.density_per_um2 < c.nyquist_per_um2:
+                c.failing.append(f"density {c.density_per_um2:.0f}/µm² < Nyquist "
+                                 f"{c.nyquist_per_um2:.0f}/µm²")
+        # The FRC costs the most (two FFTs of the field at frc_pixel_nm, in the node that
+        # shares the cores with live localization): computed only when it decides, i.e. when
+        # everything else holds and the rule has not fired yet; otherwise reported as null.
+        if s.criterion in ("frc", "both") and not c.failing and self.first_ready is None:
+            c.frc_nm = self._frc(locs, frames)
+            if not c.frc_nm <= s.target_resolution_nm:  # NaN (too few frames) fails too
+                c.failing.append(f"FRC {c.frc_nm:.0f} nm > {s.target_resolution_nm:g} nm")
+        elif s.criterion in ("frc", "both") and self.first_ready is None:
+            c.failing.append("FRC not computed (the other criteria fail)")
         if c.ready and self.first_ready is None:
             self.first_ready = c
         return c
