@@ -103,8 +103,7 @@ def tests_on(f: SimField, model: DensePredictor, rng: np.random.Generator, n: in
         # own matched filter, agrees with the full reconstruction's to within 3σ of the
         # widefield noise (±1 pixel): nothing is wrong there at the resolution it sees.
         psf_px = honest.psf_sigma_nm / CAM.pixel_nm
-        kernel = np.exp(-np.arange(-20, 21) ** 2 / (2 * psf_px ** 2))
-        norm = float(np.sqrt(np.sum(np.outer(kernel, kernel) ** 2)) / kernel.sum() ** 2)
+        norm = float(np.sqrt(np.sum(errormap._gaussian_kernel(psf_px) ** 2)))
         diff = (honest.predicted_widefield - truth.predicted_widefield) / sigma_map
         real = np.abs(gaussian_filter(diff, psf_px, mode="nearest") / norm) > 3.0
         real = binary_dilation(real, iterations=1)
