@@ -11,6 +11,12 @@ noise independent of that input. Two targets (`AdaptSettings.target`):
   offline, fold models, 20 photons: −1.2 to −5.1 dB; blind spot −0.7 to +0.04 dB).
 Random crops (64–96 px) with the same flip/rot90 for window and target, MSE, Adam at a
 small learning rate, a bounded number of steps per round.
+Tried and not kept (fold 2 model, mitosis_2ch/c0, 20 photons, 60 s offline): Monte-Carlo
+SURE on frame t in the transform's units, −3.5 dB (−2.0 with the exact per-pixel variance:
+after the transform the noise variance is 1.1–1.2, not 1, at a few photo-electrons, and
+SURE's error from a wrong variance, (σ'² − σ²)(1 − 2 div f), exceeds the model's own MSE,
+which is ~2% of σ² here); frame t+1 warped onto t by DIS flow (Frame2Frame) with
+unreliable pixels left out, −0.46 dB.
 
 **Held-back validation.** Frames are kept in blocks of consecutive frames (16); every
 5th block is held back, and a training window never leaves its block, so no held-back
