@@ -23,7 +23,9 @@ frame its queue drops is left out of the mean (counted), never out of the archiv
    time the rule holds, one `ready` frame: a JSON object (UTF-8 bytes as uint8 pixels) with
    every criterion's value, its header's `smlm` metadata the same values as strings.
 
-A prediction waits while more localization blocks are queued (it is of everything so far);
+Steps 1–3 run in a child process at idle CPU priority (`smlm.dense_step.DenseWorker`), so
+they take neither the interpreter lock nor CPU time that acquisition and live localization
+need. A prediction waits while more localization blocks are queued (it is of everything so far);
 predictions are skipped (counted: `skipped_no_widefield`) until a widefield image exists.
 With `[smlm] stop_when_ready` the pipeline is told when `ready` fires (`on_ready`).
 """
@@ -124,19 +126,22 @@ class DenseStage(Stage):
 
     #: at stop, the blocks still queued and the final prediction of the whole run (a few s)
     drain_timeout_s = 120.0
-    #: predictions yield the cores to acquisition, the archive and the localizer
+    #: the node's own work (accumulating, drift) yields to acquisition, the archive and the
+    #: localizer (its predictions run in a child process at idle priority)
     nice = 10
 
     def __init__(self, node: DenseNodeConfig, run_dir: Path, calibration: CameraCalibration,
                  camera_shape: tuple[int, int], camera_pixel_nm: float) -> None:
         super().__init__(node.name, node.queue_frames, OverflowPolicy.DROP_OLDEST)
         from dimscope.smlm.dense import DensePredictor
+        from dimscope.smlm.dense_step import DenseStepSettings, DenseWorker
         from dimscope.smlm.errormap import ErrorMapSettings
         self.node = node
-        # Loaded (and checked against its card) here: a missing or altered model is a named
+        # Read (and checked against its card) here: a missing or altered model is a named
         # node error at graph building, and raw acquisition goes on.
         self.predictor = DensePredictor(node.model, runtime=node.runtime,
-                                        allow_unverified=node.allow_unverified)
+                                        allow_unverified=node.allow_unverified,
+                                        threads=node.threads)
         self.grid = self.predictor.grid
         self.locs = LocAccumulator(node.name, run_dir / DRIFT_LOG, node.drift_correction,
                                    node.drift_segment_frames)
@@ -145,18 +150,20 @@ class DenseStage(Stage):
             relative_tolerance=node.error_map.relative_tolerance,
             gain_adu_per_e=calibration.gain_adu_per_e, offset_adu=calibration.offset_adu,
             read_noise_e=calibration.read_noise_e)
-        self.ready_settings = node.ready
-        self._ready_rule: Any = None
         self._widefield_lock = threading.Lock()
         self._widefield: tuple[np.ndarray, int, str] | None = None
         if node.widefield_file is not None:
             image, averaged = read_widefield(node.widefield_file, camera_shape)
             self._widefield = (image, averaged, f"file:{node.widefield_file.name}")
-        # Compiled and run once now, for the field it will see: a runtime that cannot run
-        # the model is a named node error at start, not a dead node 500 frames later.
-        field = (camera_shape[1] * camera_pixel_nm, camera_shape[0] * camera_pixel_nm)
+        # The steps run in a child process (see smlm.dense_step: in a thread they slowed
+        # live localization); it compiles and runs the model once now, for the field it will
+        # see: a runtime that cannot run the model is a named node error at start.
+        self.field_nm = (camera_shape[1] * camera_pixel_nm, camera_shape[0] * camera_pixel_nm)
         try:
-            self.predictor.predict_input(np.zeros((2, *self.grid.shape(field)), np.float32))
+            self.worker = DenseWorker(DenseStepSettings(
+                model=self.predictor.path, runtime=node.runtime, threads=node.threads,
+                allow_unverified=node.allow_unverified, error_map=self.error_settings,
+                ready=node.ready), self.field_nm)
         except EngineError:
             raise
         except Exception as exc:
@@ -198,7 +205,6 @@ class DenseStage(Stage):
         from scipy.ndimage import shift as ndi_shift
 
         from dimscope.smlm import errormap
-        from dimscope.smlm.ready import ReadyRule
 
         with self._widefield_lock:
             widefield = self._widefield
@@ -222,35 +228,33 @@ class DenseStage(Stage):
             image = np.asarray(ndi_shift(image, (-dy / px, -dx / px), order=1,
                                          mode="nearest"), np.float32)
             meta.update(widefield_shift_nm=f"{-dx:.1f},{-dy:.1f}")
-        dense = self.predictor.predict(locs, image, self.locs.field_nm)
-        emap = errormap.compute(dense, image, self.grid.render_pixel_nm,
-                                self.locs.camera_pixel_nm, self.error_settings,
-                                frames_averaged=averaged)
-        if self._ready_rule is None:
-            self._ready_rule = ReadyRule(self.ready_settings, self.locs.field_nm)
-        check = self._ready_rule.check(self.locs.frames, locs, dense,
-                                       self.grid.render_pixel_nm, emap.flagged_fraction)
-        self.last_check = check.as_dict()
+        if self.locs.field_nm != self.field_nm:
+            raise ValueError(f"the localizations' field {self.locs.field_nm} nm is not the "
+                             f"camera's {self.field_nm} nm")
+        step = self.worker.run(locs, image, self.locs.frames, averaged,
+                               self.locs.camera_pixel_nm)
+        dense, check = step.dense, step.check
+        self.last_check = check
         self.prediction_seconds += time.monotonic() - started
         self.predictions += 1
         self._predicted_frames = self.locs.frames
         card = self.predictor.card
         meta.update(model=self.predictor.label, model_sha256=card.weights_sha256 or "",
                     widefield=origin, render_pixel_nm=f"{self.grid.render_pixel_nm:g}",
-                    flagged=f"{emap.flagged_fraction:.5f}",
-                    ready="true" if self.ready is not None or check.ready else "false")
+                    flagged=f"{step.flagged_fraction:.5f}",
+                    ready="true" if self.ready is not None or step.ready else "false")
         self.emit(frame.replace(pixels=freeze(dense), kind="dense", source_ids=(),
                                 pixel_size_um=self.grid.render_pixel_nm / 1000.0,
                                 metadata=meta).marked(self.name))
-        trust_meta = {**meta, **{k: str(v) for k, v in emap.summary().items()},
+        trust_meta = {**meta, **{k: str(v) for k, v in step.error_summary.items()},
                       "map": "resolution-scaled error, widefield noise sigma",
                       "flag_sigma": f"{self.error_settings.flag_sigma:g}",
                       "limit": errormap.LIMIT_NOTE}
-        self.emit(frame.replace(pixels=freeze(emap.error_sigma), kind="error_map",
+        self.emit(frame.replace(pixels=freeze(step.error_sigma), kind="error_map",
                                 source_ids=(), pixel_size_um=self.locs.camera_pixel_nm / 1000,
                                 metadata=trust_meta).marked(self.name))
-        if check.ready and self.ready is None:
-            self.ready = {**check.as_dict(), "model": self.predictor.label}
+        if step.ready and self.ready is None:
+            self.ready = {**check, "model": self.predictor.label}
             log.info("%s: ready at %d frames (%s)", self.name, self.locs.frames,
                      json.dumps(self.ready))
             payload = np.frombuffer(json.dumps(self.ready).encode(), np.uint8)
@@ -269,7 +273,7 @@ class DenseStage(Stage):
         except Exception as exc:  # the run's shutdown goes on
             log.error("%s: the final prediction failed: %s", self.name, exc)
         finally:
-            self.predictor.close()
+            self.worker.close()
 
     def snapshot(self) -> dict[str, object]:
         snap = super().snapshot()

@@ -98,6 +98,10 @@ class LocBlock:
             raise ValueError(f"frame_stop {self.frame_stop} < frame_start {self.frame_start}")
         object.__setattr__(self, "columns", MappingProxyType(cols))
 
+    def __reduce__(self) -> tuple[type[LocBlock], tuple[int, int, dict[str, Array]]]:
+        # a read-only mapping does not pickle; the block goes to other processes (dense step)
+        return (LocBlock, (self.frame_start, self.frame_stop, dict(self.columns)))
+
     @classmethod
     def empty(cls, frame_start: int = 0, frame_stop: int = 0,
               extra: Iterable[str] = ()) -> LocBlock:

@@ -180,7 +180,9 @@ class DensePredictor:
     """A dense model (ONNX, task `dense`) on dimscope's runtimes, for fields of any size."""
 
     def __init__(self, model: str | Path, runtime: str = "cpu", tile: int = 1024,
-                 halo: int = 32, allow_unverified: bool = False) -> None:
+                 halo: int = 32, allow_unverified: bool = False,
+                 threads: int | None = None) -> None:
+        """`threads`: CPU inference threads (default: every core this process may use)."""
         from dimscope.engines.base import EngineError
         from dimscope.engines.model_file import open_model_card, resolve_model
 
@@ -193,6 +195,7 @@ class DensePredictor:
         self.digest = opened.digest
         self.grid = DenseGrid.from_dict(self.card.dense.grid)
         self.runtime_kind, self.tile, self.halo = runtime, tile, halo
+        self.threads = threads
         self._runtimes: dict[tuple[int, int, int, int], Any] = {}
 
     @property
@@ -206,7 +209,8 @@ class DensePredictor:
         key = (shape[0], shape[1], shape[2], shape[3])
         runtime = self._runtimes.get(key)
         if runtime is None:
-            runtime = open_runtime(self.runtime_kind, self.path, self.card, shape=key)
+            runtime = open_runtime(self.runtime_kind, self.path, self.card, shape=key,
+                                   threads=self.threads)
             self._runtimes[key] = runtime
         return np.asarray(runtime.run(np.ascontiguousarray(batch, np.float32)), np.float32)
 

@@ -263,3 +263,33 @@ def test_smlm_train_makes_a_dense_model_the_node_can_load(tmp_path: Path) -> Non
     bad = dimscope("smlm", "train", "--structures", "spirals", "--out", tmp_path / "x.onnx")
     assert bad.returncode == 2 and "unknown structure 'spirals'" in bad.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_dense_worker_matches_the_step_in_process_and_names_its_death(
+        field: SimField) -> None:
+    import os
+    import signal
+
+    from dimscope.engines import EngineError
+    from dimscope.smlm.dense_step import DenseStep, DenseStepSettings, DenseWorker
+
+    settings = DenseStepSettings(model="dense", error_map=ERR,
+                                 ready=ReadySettings(min_frames=1))
+    sparse = field.sparse(300)
+    here = DenseStep(settings, field.extent_nm).run(sparse, field.widefield, 300, 1,
+                                                     CAM.pixel_nm)
+    worker = DenseWorker(settings, field.extent_nm)
+    try:
+        there = worker.run(sparse, field.widefield, 300, 1, CAM.pixel_nm)
+        np.testing.assert_allclose(there.dense, here.dense, rtol=1e-5, atol=1e-6)
+        assert there.flagged_fraction == here.flagged_fraction
+        assert there.check["localizations"] == len(sparse)
+        # the child keeps the ready rule's state: the same input again changes nothing
+        assert worker.run(sparse, field.widefield, 600, 1, CAM.pixel_nm
+                          ).check["change"] == pytest.approx(0.0, abs=1e-6)
+        for pid in list(worker._pool._processes or {}):  # a real kill of the real child
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineError, match="dense worker process died"):
+            worker.run(sparse, field.widefield, 900, 1, CAM.pixel_nm)
+    finally:
+        worker.close()

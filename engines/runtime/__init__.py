@@ -63,17 +63,23 @@ def gpu_present() -> bool:
         return False
 
 
-def _construct(kind: str, path: Path, card: ModelCard, precision: str) -> Runtime:
+#: runtimes whose CPU thread count can be set per model (torch's is per process)
+THREADED_RUNTIMES = ("openvino", "onnxruntime")
+
+
+def _construct(kind: str, path: Path, card: ModelCard, precision: str,
+               threads: int | None = None) -> Runtime:
     module_name, _, cls_name = RUNTIMES[kind].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    runtime: Runtime = cls(path, card, precision)
+    extra = {"threads": threads} if threads is not None and kind in THREADED_RUNTIMES else {}
+    runtime: Runtime = cls(path, card, precision, **extra)
     return runtime
 
 
 def _ready(kind: str, path: Path, card: ModelCard, precision: str,
-           shape: tuple[int, int, int, int] | None) -> Runtime:
+           shape: tuple[int, int, int, int] | None, threads: int | None = None) -> Runtime:
     """Construct, compile for `shape` and run once on zeros: a runtime that passed this runs."""
-    runtime = _construct(kind, path, card, precision)
+    runtime = _construct(kind, path, card, precision, threads)
     if shape is not None:
         try:
             runtime.compile(shape)
@@ -85,17 +91,20 @@ def _ready(kind: str, path: Path, card: ModelCard, precision: str,
 
 
 def open_runtime(kind: str, path: Path, card: ModelCard, precision: str = "auto",
-                 shape: tuple[int, int, int, int] | None = None) -> Runtime:
+                 shape: tuple[int, int, int, int] | None = None,
+                 threads: int | None = None) -> Runtime:
     """The runtime named `kind` (or chosen by `auto`/`cpu`) for the model at `path`.
 
     With `shape` (N, C, H, W) the runtime comes back compiled and warmed up for
-    it; under `auto`/`cpu` a runtime that fails to do so is passed over.
+    it; under `auto`/`cpu` a runtime that fails to do so is passed over. `threads`:
+    CPU inference threads for the CPU runtimes (default: every core this process may
+    use); GPU runtimes ignore it.
     """
     if kind not in RUNTIME_CHOICES:
         raise EngineError(f"unknown runtime {kind!r}; choose from {', '.join(RUNTIME_CHOICES)}")
     if kind not in ("auto", "cpu"):
         try:
-            return _ready(kind, path, card, precision, shape)
+            return _ready(kind, path, card, precision, shape, threads)
         except ImportError as exc:
             raise EngineError(f"runtime {kind!r} is not installed here ({exc})") from None
         except EngineError:
@@ -112,7 +121,7 @@ def open_runtime(kind: str, path: Path, card: ModelCard, precision: str = "auto"
             notes.append("no NVIDIA GPU visible")
     for candidate in candidates:
         try:
-            runtime = _ready(candidate, path, card, precision, shape)
+            runtime = _ready(candidate, path, card, precision, shape, threads)
         except Exception as exc:  # a failed import, init, compile or first run: next one
             notes.append(f"{candidate} unavailable ({type(exc).__name__}: {exc})")
             continue

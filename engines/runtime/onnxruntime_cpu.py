@@ -15,10 +15,12 @@ from ..model_file import ModelCard
 class OnnxRuntime:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, card: ModelCard, precision: str = "auto") -> None:
+    def __init__(self, path: Path, card: ModelCard, precision: str = "auto",
+                 threads: int | None = None) -> None:
         if precision not in ("auto", "fp32"):
             raise EngineError(f"runtime onnxruntime runs fp32 only, not {precision!r}")
         self.path, self.card = path, card
+        self.threads = threads or len(os.sched_getaffinity(0))
         self.precision = "fp32"
         self.fallback_note = ""
         self._session: ort.InferenceSession | None = None
@@ -26,7 +28,7 @@ class OnnxRuntime:
 
     def compile(self, shape: tuple[int, int, int, int]) -> None:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = len(os.sched_getaffinity(0))
+        options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(self.path), options,

@@ -40,11 +40,13 @@ def precision_name(value: object) -> str:
 class OpenVINORuntime:
     name = "openvino"
 
-    def __init__(self, path: Path, card: ModelCard, precision: str = "auto") -> None:
+    def __init__(self, path: Path, card: ModelCard, precision: str = "auto",
+                 threads: int | None = None) -> None:
         if precision not in _PRECISIONS:
             raise EngineError(f"runtime openvino: precision {precision!r} not one of "
                               f"{', '.join(_PRECISIONS)}")
         self.path, self.card, self.requested = path, card, precision
+        self.threads = threads or len(os.sched_getaffinity(0))
         self.core = ov.Core()
         self.precision = "fp32" if precision == "auto" else precision
         self.fallback_note = ""
@@ -61,7 +63,7 @@ class OpenVINORuntime:
             raise EngineError(f"OpenVINO cannot load {self.path} for input {shape}: {exc}"
                               ) from None
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY",
-                                     "INFERENCE_NUM_THREADS": len(os.sched_getaffinity(0))}
+                                     "INFERENCE_NUM_THREADS": self.threads}
         hint = _PRECISIONS[self.requested] or "f32"
         config["INFERENCE_PRECISION_HINT"] = hint
         compiled = self.core.compile_model(model, "CPU", config)
