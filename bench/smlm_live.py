@@ -11,8 +11,16 @@ lag when acquisition stopped and the most frames it ever had waiting, and the li
 frames localized per second spent inside the localizer — against the library's own batch
 call (`smappy.fit`) and the same localizer run as a batch, both on the frames the run
 archived (read back from its OME-TIFF), in the same process, each the median of
-`--batch-repeats` interleaved calls. The localizer's settings are
-the node's defaults (edge padding, no edge EM refit).
+`--batch-repeats` interleaved calls. Why live is slower here: the simulated camera renders
+in Python (~1 ms of numpy per frame, a fifth of one core at 200 frames/s), and on 2 cores
+fits split over both wait for the busier one. Measured offline with dimscope's localizer
+(3,000 frames, pushes of 8 or 50): a camera thread rendering at 200 frames/s beside it took
+it from 1,600–1,780 to 1,180–1,310 frames/s with two fit threads, and cost nothing with one
+(940–1,010 either way). The library's own call (`smappy.fit`: 200-frame chunks read ahead
+by a thread, fits of every ROI accumulated) was not slowed by the same camera thread (1,706
+frames/s beside it, 1,580 alone, medians of 5): the live localizer's smaller fits (a block
+closes every 50 frames) are what the camera's share of a core delays. Not solved here.
+The localizer's settings are the node's defaults (edge padding, no edge EM refit).
 
     .venv/bin/python bench/smlm_live.py [--seconds 60] [--fps 200] [--batch-frames 3000]
     # writes results/smlm_live.{json,md}
