@@ -57,6 +57,61 @@ def train_command(fold: int) -> list[str]:
             "--checkpoint", str(out.with_suffix(".ckpt")), "-q"]
 
 
+# -- the offline quality family: sr2_hq, refining BM3D+VST (guided) ------------------------
+#: samples per pool file, and files per source (the simulated microscope: twice as many)
+HQ_POOL = (40, 3)
+HQ_STEPS = 6000
+HQ_TEMPLATE = str(gen.MODELS / "sr2_hq_{fold}.onnx")
+
+
+def hq_path(fold: int | None) -> Path:
+    return Path(HQ_TEMPLATE.format(fold=f"fold{fold}" if fold is not None else "all"))
+
+
+def hq_pool_files(fold: int | None) -> list[Path]:
+    """The pool files of `fold`'s training sources, made here when missing (a BM3D run per
+    sample), as `generalization.pool_files` does for the guided denoiser."""
+    from dimscope.engines.training.clips import ClipSampler, movie_channels
+    from dimscope.engines.training.guided import build_pool, save_pool
+    from dimscope.engines.training.train import image_planes as training_planes
+
+    images, movies = lodo.training_sources(fold)
+    sources = ([("image", p) for p in images] + [("movie", p) for p in movies]
+               + [("sim", None)])
+    size, chunks = HQ_POOL
+    files = []
+    for kind, path in sources:
+        stem = "sim" if path is None else path.stem
+        for chunk in range(chunks * (2 if kind == "sim" else 1)):
+            out = gen.POOL_DIR / f"sr2_bm3d_{stem}_{chunk}.npz"
+            files.append(out)
+            if out.exists():
+                continue
+            rng = np.random.default_rng(gen.seed_of("sr2", stem, chunk))
+            sampler = ClipSampler(1, 128, 1, training_planes(path) if kind == "image" and path
+                                  else [], movie_channels(path) if kind == "movie" and path
+                                  else [], rng, sim_fraction=1.0 if kind == "sim" else 0.0)
+            if kind != "sim" and not (sampler.images or sampler.movies):
+                files.pop()  # nothing 128² in it
+                break
+            started = time.monotonic()
+            inputs, targets = build_pool(sampler, size, "bm3d", rng, scale=2)
+            save_pool(out, inputs, targets, "bm3d", 1, str(path or "simulated"), scale=2)
+            print(f"pool {out.name}: {len(inputs)} samples, {time.monotonic() - started:.0f} s",
+                  flush=True)
+    return files
+
+
+def hq_train_command(fold: int | None) -> list[str]:
+    out = hq_path(fold)
+    version = f"1-fold{fold}" if fold is not None else "1"
+    return [str(ROOT / ".venv" / "bin" / "dimscope"), "train", "sr2", "--guide", "bm3d",
+            "--window", "1", "--pool-files", *map(str, hq_pool_files(fold)), "--steps",
+            str(HQ_STEPS), "--lr", "1e-3", "--batch", "16", "--channels", "32", "--levels",
+            "3", "--val-every", "500", "--name", "sr2_hq", "--version", version, "--out",
+            str(out), "--checkpoint", str(out.with_suffix(".ckpt")), "-q"]
+
+
 def stills(ds: lodo.Dataset, side: int, frames_per_movie: int) -> list[tuple[str, np.ndarray]]:
     """Clean stills (relative intensity) of a dataset: its images, or frames of its movies."""
     if ds.kind == "image":
@@ -93,12 +148,13 @@ class Scores:
 
 
 def evaluate_fold(fold: int, photons: list[float], side: int, frames_per_movie: int,
-                  scores: Scores, template: str = MODEL_TEMPLATE) -> list[dict]:
+                  scores: Scores, template: str = MODEL_TEMPLATE, ensemble: bool = False
+                  ) -> list[dict]:
     from dimscope.engines.model_file import file_digest
 
     model = model_path(fold, template)
-    tag = f"{model.name}@{file_digest(model)}"
-    engine = make_engine("model", model=str(model), runtime="openvino")
+    tag = f"{model.name}@{file_digest(model)}{'+ens' if ensemble else ''}"
+    engine = make_engine("model", model=str(model), runtime="openvino", ensemble=ensemble)
     bm3d = make_engine("bm3d")
     rows = []
     for ds in (d for d in lodo.DATASETS if d.fold == fold and d.kind in ("image", "movie")):
@@ -183,18 +239,35 @@ def main() -> int:
     ap.add_argument("--side", type=int, default=256, help="centre crop (full grid)")
     ap.add_argument("--frames-per-movie", type=int, default=2)
     ap.add_argument("--train", action="store_true", help="train missing fold models first")
+    ap.add_argument("--ensemble", action="store_true",
+                    help="the engine's test-time ensemble (8 rotations and flips)")
     ap.add_argument("--models", default=MODEL_TEMPLATE,
                     help="the fold models, {fold} filled in (default: the sr2 recipe's)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "generalization_sr2")
+    ap.add_argument("--family", choices=["live", "hq"], default="live",
+                    help="live: the sr2 recipe; hq: sr2_hq, refining BM3D+VST (guided, "
+                         "evaluated with the engine's test-time ensemble)")
+    ap.add_argument("--ship", action="store_true",
+                    help="hq: also train the model of every dataset (engines/models/sr2_hq)")
     args = ap.parse_args()
     if not lodo.available():
         print(f"SKIP: the real data ({lodo.DATA}) is not here")
         return 0
+    if args.family == "hq":
+        args.models, args.ensemble = HQ_TEMPLATE.replace("{fold}", "fold{fold}"), True
+        if args.out == ROOT / "results" / "generalization_sr2":
+            args.out = ROOT / "results" / "generalization_sr2_hq"
+        for fold in [*args.folds, *([None] if args.ship else [])]:
+            if not hq_path(fold).exists():
+                if not args.train:
+                    print("fold model missing; train it with --train")
+                    return 1
+                subprocess.run(hq_train_command(fold), check=True)
     for fold in args.folds:
         if not model_path(fold, args.models).exists() and args.models != MODEL_TEMPLATE:
             print(f"no model {model_path(fold, args.models)}")
             return 1
-        if not model_path(fold).exists():
+        if args.family == "live" and not model_path(fold).exists():
             cmd = train_command(fold)
             print("fold model missing; train it with:\n  " + " ".join(cmd))
             if not args.train:
@@ -204,7 +277,7 @@ def main() -> int:
     rows: list[dict] = []
     for fold in args.folds:
         rows += evaluate_fold(fold, args.photons, args.side, args.frames_per_movie, scores,
-                              args.models)
+                              args.models, args.ensemble)
     summary = summarise(rows)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores",

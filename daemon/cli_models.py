@@ -90,11 +90,12 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--noise-weight", type=float, default=0.0,
                    help="noise-aware clips: weight each sample's MSE by sigma^-W (0: plain "
                         "MSE, dominated by the darkest samples; 2: every photon level alike)")
-    gd = t.add_argument_group("guided denoise (offline quality models that refine a "
+    gd = t.add_argument_group("guided denoise and sr2 (offline quality models that refine a "
                               "classical estimate)")
     gd.add_argument("--guide", choices=["bm3d", "bm4d"], default=None,
                     help="refine BM3D+VST of the newest frame (--window 1) or BM4D+VST over "
-                         "the window (implies --vst)")
+                         "the window (implies --vst); sr2: BM3D+VST at the camera's "
+                         "sampling, upsampled")
     gd.add_argument("--pool", type=int, default=1200,
                     help="training samples to make (each needs one BM3D/BM4D run; saved "
                          "beside the model as OUT.pool.npz and reused)")

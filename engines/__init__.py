@@ -30,6 +30,10 @@ _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
                    {"model": "denoise_hq", "ensemble": True}),
     "denoise_hq_t5": ("dimscope.engines.model_engine:ModelEngine",
                       {"model": "denoise_hq", "ensemble": True, "guide_window": 5}),
+    # The offline quality ×2 super-resolver: a network refining BM3D+VST of each frame at
+    # the camera's sampling, upsampled (averaged over rotations/flips).
+    "sr2_hq": ("dimscope.engines.model_engine:ModelEngine",
+               {"model": "sr2_hq", "ensemble": True}),
     # Cross-modality transfer (widefield -> confocal-like by default; options.model names
     # one trained with `dimscope train transfer`).
     "transfer": ("dimscope.engines.model_engine:ModelEngine", {"model": "transfer"}),

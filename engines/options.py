@@ -92,6 +92,7 @@ ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
     "transfer": ModelOptions,
     "denoise_hq": ModelOptions,
     "denoise_hq_t5": ModelOptions,
+    "sr2_hq": ModelOptions,
     "model": ModelOptions,
 }
 

@@ -195,3 +195,28 @@ def test_enhance_with_the_shipped_quality_model_beats_the_classical_method_it_re
         assert ours >= theirs - 0.1, (t, ours, theirs)
     provenance = json.loads((tmp_path / f"{engine}.tif.json").read_text())
     assert provenance["engine"]["name"] == "denoise_hq"
+
+
+def test_train_guided_sr2_refines_bm3d_at_the_camera_sampling(tmp_path: Path) -> None:
+    out = tmp_path / "sr2_hq.onnx"
+    cmd = [*CLI, "train", "sr2", "--guide", "bm3d", "--pool", "6", "--steps", "3", "--patch",
+           "32", "--batch", "2", "--channels", "4", "--levels", "1", "--val-every", "3",
+           "--out", str(out), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    card = read_card(out)
+    assert (card.task, card.scale, card.guide, card.channels) == ("sr2", 2, "bm3d", 3)
+    pool = out.with_suffix(".pool.npz")
+    with np.load(pool) as data:  # binned noisy frame, its BM3D, noise level -> the full grid
+        assert data["inputs"].shape == (6, 3, 32, 32)
+        assert data["targets"].shape == (6, 1, 64, 64) and int(data["scale"]) == 2
+    with pytest.raises(ValueError, match="at scale 2, not bm3d with window 1 at scale 1"):
+        load_pools([pool], "bm3d", 1)
+    engine = make_engine("model", model=str(out), ensemble=True)
+    engine.prepare((48, 40), np.dtype(np.float32), CAM)
+    restored = engine.process(frames(1)[0][:, :40])
+    assert restored.shape == (96, 80) and np.isfinite(restored).all()
+    bad = subprocess.run([*cmd[:len(CLI) + 2], "--guide", "bm4d", "--window", "3", "--out",
+                          str(tmp_path / "x.onnx"), "-q"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "guided sr2 model takes --guide bm3d" in bad.stderr

@@ -84,19 +84,23 @@ class Exposure:
 
 
 def expose(clip: np.ndarray, camera: CameraRanges, rng: np.random.Generator,
-           perturb_fraction: float) -> Exposure:
+           perturb_fraction: float, target_frame: np.ndarray | None = None) -> Exposure:
     """Draw a camera from `camera` (photons log-uniform) and record `clip` with it: Poisson
     shot noise, Gaussian read noise, gain, offset, rounding. With probability
-    `perturb_fraction` the calibration given is off by up to ~20 %, as if estimated."""
+    `perturb_fraction` the calibration given is off by up to ~20 %, as if estimated. The
+    target is the clip's newest frame, or `target_frame` (the same field at another
+    sampling: super-resolution), in the recorded units."""
     photons = float(np.exp(rng.uniform(*np.log(camera.photons))))
     read = rng.uniform(*camera.read_noise_e)
     gain = rng.uniform(*camera.gain_adu_per_e)
     offset = rng.uniform(*camera.offset_adu)
-    relative = clip + np.float32(rng.uniform(*camera.background))
+    background = np.float32(rng.uniform(*camera.background))
+    relative = clip + background
     electrons = rng.poisson(relative * photons).astype(np.float32)
     electrons += rng.normal(0.0, read, electrons.shape).astype(np.float32)
     noisy = np.round(electrons * np.float32(gain) + np.float32(offset))
-    target = relative[-1] * np.float32(photons * gain) + np.float32(offset)
+    seen = relative[-1] if target_frame is None else target_frame + background
+    target = seen * np.float32(photons * gain) + np.float32(offset)
     cal = CameraCalibration(gain, offset, read)
     if rng.random() < perturb_fraction:
         cal = CameraCalibration(gain * rng.uniform(0.85, 1.18), offset,

@@ -1,4 +1,4 @@
-"""Training data for guided denoisers: a network that refines BM3D/BM4D+VST.
+"""Training data for guided models: a network that refines BM3D/BM4D+VST.
 
 A guided model (`ModelCard.guide`) gets the noisy causal window, the classical
 estimate of the newest frame and the noise level, and adds a learned residual
@@ -8,7 +8,9 @@ cost 0.3 s (BM3D, 96²) to 2 s (BM4D, 5×96²) each, far too slow to make per
 training step, so a fixed pool of samples is made once (`build_pool`, saved as
 .npz and reused: by source file in `bench/generalization.py`, so every fold's
 pool is a union of files) and training draws augmented batches from it
-(`GuidedBatches`: the 8 rotations/flips, which BM3D/BM4D respect).
+(`GuidedBatches`: the 8 rotations/flips, which BM3D/BM4D respect). A guided ×2
+super-resolver (`sr2_hq`) gets the binned noisy frame, its BM3D+VST estimate and the noise
+level at the camera's sampling, and adds its residual to the estimate upsampled.
 
 Loss: squared error weighted so that it measures the error in intensity units,
 per image relative to its range — what PSNR against the clean image measures.
@@ -29,6 +31,7 @@ from ..bm3d_engine import classical_estimate, classical_library
 from ..noise_model import NoiseModel
 from ..normalize import VSTNorm
 from .clips import CameraRanges, ClipSampler, expose
+from .crappify import bin_mean
 
 Guide = Literal["bm3d", "bm4d"]
 
@@ -45,14 +48,22 @@ def guide_window(guide: Guide, window: int) -> int:
 
 
 def build_pool(sampler: ClipSampler, n: int, guide: Guide, rng: np.random.Generator,
-               camera: CameraRanges = POOL_CAMERA) -> tuple[np.ndarray, np.ndarray]:
-    """`n` samples (inputs (n, C, P, P), targets (n, 1, P, P)) of clean clips from `sampler`,
-    degraded by a random camera, with the classical guide computed as the engine does."""
+               camera: CameraRanges = POOL_CAMERA, scale: int = 1
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """`n` samples (inputs (n, C, P, P), targets (n, 1, sP, sP)) of clean clips from
+    `sampler`, degraded by a random camera, with the classical guide computed as the engine
+    does. `scale` 2 (super-resolution, one frame): the clip is recorded binned s×s (a camera
+    with pixels s times larger), the target is the clean frame at the clip's sampling."""
     library = classical_library(guide_window(guide, sampler.window))
     norm = VSTNorm()
     inputs, targets = [], []
     for _ in range(n):
-        shot = expose(sampler.clean_clip(), camera, rng, POOL_PERTURBED)
+        clip = sampler.clean_clip()
+        if scale == 1:
+            shot = expose(clip, camera, rng, POOL_PERTURBED)
+        else:
+            shot = expose(np.stack([bin_mean(f, scale) for f in clip]), camera, rng,
+                          POOL_PERTURBED, target_frame=clip[-1])
         noise = NoiseModel.from_calibration(shot.calibration)
         stable = noise.gat(shot.noisy[-guide_window(guide, sampler.window):])
         estimate = noise.inverse_gat_unbiased(classical_estimate(library, stable))
@@ -63,11 +74,11 @@ def build_pool(sampler: ClipSampler, n: int, guide: Guide, rng: np.random.Genera
 
 
 def save_pool(path: Path, inputs: np.ndarray, targets: np.ndarray, guide: Guide, window: int,
-              source: str) -> None:
+              source: str, scale: int = 1) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, inputs=inputs.astype(np.float32), targets=targets.astype(np.float32),
-             guide=guide, window=window, source=source)
+             guide=guide, window=window, source=source, scale=scale)
     tmp.replace(path)
 
 
@@ -77,15 +88,18 @@ def pool_source(path: Path) -> tuple[str, int]:
         return str(data["source"]), len(data["targets"])
 
 
-def load_pools(paths: list[Path], guide: Guide, window: int
+def load_pools(paths: list[Path], guide: Guide, window: int, scale: int = 1
                ) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated pools; ValueError naming the file if one was made for another model."""
     xs, ys = [], []
     for path in paths:
         with np.load(path) as data:
-            if str(data["guide"]) != guide or int(data["window"]) != window:
-                raise ValueError(f"pool {path} holds {data['guide']} samples with window "
-                                 f"{int(data['window'])}, not {guide} with window {window}")
+            made = (str(data["guide"]), int(data["window"]),
+                    int(data["scale"]) if "scale" in data else 1)
+            if made != (guide, window, scale):
+                raise ValueError(f"pool {path} holds {made[0]} samples with window {made[1]} "
+                                 f"at scale {made[2]}, not {guide} with window {window} at "
+                                 f"scale {scale}")
             xs.append(data["inputs"])
             ys.append(data["targets"])
     if not xs:

@@ -249,21 +249,22 @@ def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator
     assert guide is not None
     if settings.pool_files:
         inputs, targets = load_pools([Path(p) for p in settings.pool_files], guide,
-                                     settings.window)
+                                     settings.window, settings.scale)
     else:
         saved = out.with_suffix(".pool.npz")
         source = " ".join(settings.data + settings.movies) or "simulated"
         if saved.is_file() and pool_source(saved) == (source, settings.pool):
-            inputs, targets = load_pools([saved], guide, settings.window)
+            inputs, targets = load_pools([saved], guide, settings.window, settings.scale)
         else:
             saved.unlink(missing_ok=True)  # made from other data: make it again
             movies = [m for f in tif_files(settings.movies) for m in movie_channels(f)]
-            clips = ClipSampler(settings.window, settings.patch, 1,
+            clips = ClipSampler(settings.window, settings.patch * settings.scale, 1,
                                 collect_images(settings.data), movies, rng,
                                 sim_fraction=settings.sim_fraction)
             log.info("making %d %s-guided samples (seconds each)", settings.pool, guide)
-            inputs, targets = build_pool(clips, settings.pool, guide, rng)
-            save_pool(saved, inputs, targets, guide, settings.window, source)
+            inputs, targets = build_pool(clips, settings.pool, guide, rng,
+                                         scale=settings.scale)
+            save_pool(saved, inputs, targets, guide, settings.window, source, settings.scale)
     # A fixed order (not the training rng's): the same samples are held out on a resume.
     order = np.random.default_rng(len(inputs)).permutation(len(inputs))
     return GuidedBatches(inputs[order], targets[order], settings.batch, rng)
@@ -493,12 +494,16 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     if settings.arch != "interp":
         hparams["scale"] = settings.scale
     if settings.guide is not None:
-        if settings.guide not in ("bm3d", "bm4d") or settings.task != "denoise":
-            raise ValueError(f"--guide takes bm3d or bm4d for denoise, got {settings.guide!r}")
+        if settings.guide not in ("bm3d", "bm4d") or settings.task not in ("denoise", "sr2"):
+            raise ValueError(f"--guide takes bm3d or bm4d for denoise or sr2, got "
+                             f"{settings.guide!r} for {settings.task}")
         if (settings.guide == "bm3d") != (settings.window == 1):
             raise ValueError("a bm3d guide takes --window 1; a bm4d guide a window of 2+")
+        if settings.task == "sr2" and settings.guide != "bm3d":
+            raise ValueError("a guided sr2 model takes --guide bm3d (one frame)")
         settings.vst = True
         hparams["guided"] = True
+        hparams.update(window=settings.window, noise_map=True)
     if settings.clips:
         hparams.update(window=settings.window, noise_map=settings.vst)
     settings.hparams = hparams
