@@ -228,7 +228,8 @@ class DenseStage(Stage):
             image = np.asarray(ndi_shift(image, (-dy / px, -dx / px), order=1,
                                          mode="nearest"), np.float32)
             meta.update(widefield_shift_nm=f"{-dx:.1f},{-dy:.1f}")
-        if self.locs.field_nm != self.field_nm:
+        # (the localize node sends its pixel size to 6 digits: 108.333 for 108.3333…)
+        if not np.allclose(self.locs.field_nm, self.field_nm, rtol=1e-4):
             raise ValueError(f"the localizations' field {self.locs.field_nm} nm is not the "
                              f"camera's {self.field_nm} nm")
         step = self.worker.run(locs, image, self.locs.frames, averaged,

@@ -15,7 +15,10 @@ own lock, and every thread it starts inherits its priority. Measured on 2 cores 
 frames/s (30 s runs, four each, alternating): live localization at 1054 frames/s on
 average with the dense node in a child against 1091 without a dense node (run-to-run
 spread ±12%); in a thread it had cost 15–30%. The cost: a copy of the localizations and
-the widefield image per step (a few MB), ~3 s to start, and one more process.
+the widefield image per step (all localizations so far: ~7 MB per 250,000, pickled by the
+stage's thread — a long run would want only the new ones sent), ~3 s to start, and one more
+process. The child ignores Ctrl-C and SIGHUP (the daemon decides when it stops: its final
+prediction needs the child) and exits when the daemon is gone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -106,25 +114,70 @@ _step: DenseStep | None = None
 
 
 def _lower_priority(lower: bool) -> None:
-    """SCHED_IDLE where the OS has it (runs only on CPU time others leave), else nice 10."""
-    if lower:
+    """SCHED_IDLE where the OS has it (runs only on CPU time others leave), else nice 10; for
+    every thread of the process so far (numpy's and the runtime's pools start when their
+    modules load or the model compiles, before or after this: called again then)."""
+    if not lower:
+        return
+    tasks = Path("/proc/self/task")
+    for tid in ([int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]):
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
             with contextlib.suppress(OSError):
-                os.nice(10)
+                os.setpriority(os.PRIO_PROCESS, tid, 10)
+
+
+_lower = False
+
+
+def _child_init(lower: bool) -> None:
+    """In the child: the daemon decides when it stops (Ctrl-C in its terminal reaches the
+    whole process group; the final prediction still needs this process), the child ends when
+    the daemon is gone (a SIGKILLed parent leaves no orphan holding the model), and runs at
+    idle priority."""
+    global _lower
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="dense-parent-watch", daemon=True).start()
+    _lower = lower
+    _lower_priority(lower)
+
+
+def _plain(exc: Exception) -> Exception:
+    """An error that pickles back to the daemon whatever its class takes (the pool would
+    report an unpicklable one as a dead process)."""
+    from dimscope.engines.base import EngineError
+
+    if isinstance(exc, (EngineError, ValueError)) and type(exc) in (EngineError, ValueError):
+        return exc
+    return EngineError(f"{type(exc).__name__}: {exc}")
 
 
 def _start(settings: DenseStepSettings, extent_nm: tuple[float, float]) -> None:
     global _step
-    _step = DenseStep(settings, extent_nm)
-    _step.warm_up()
+    try:
+        _step = DenseStep(settings, extent_nm)
+        _step.warm_up()
+    except Exception as exc:
+        raise _plain(exc) from None
+    _lower_priority(_lower)  # the runtime's threads, started by the compile
 
 
 def _run(locs: LocBlock, widefield: F32, frames: int, frames_averaged: int,
          camera_pixel_nm: float) -> DenseResult:
     assert _step is not None, "the dense worker was not started"
-    return _step.run(locs, widefield, frames, frames_averaged, camera_pixel_nm)
+    try:
+        return _step.run(locs, widefield, frames, frames_averaged, camera_pixel_nm)
+    except Exception as exc:
+        raise _plain(exc) from None
 
 
 def _stop() -> None:
@@ -132,6 +185,27 @@ def _stop() -> None:
     if _step is not None:
         _step.close()
         _step = None
+
+
+@contextlib.contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """While a spawned child starts: hide the caller's main script from `multiprocessing`, which
+    would otherwise run it again in the child (a script that builds a pipeline without an
+    `if __name__ == "__main__"` guard would start a second one; `python -` cannot be re-run).
+    The child needs nothing from it: its functions live in this module."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__")
+                             if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 class DenseWorker:
@@ -144,30 +218,39 @@ class DenseWorker:
                  lower_priority: bool = True) -> None:
         self._pool = ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_lower_priority, initargs=(lower_priority,))
+            initializer=_child_init, initargs=(lower_priority,))
         try:
-            self._wait(self._pool.submit(_start, settings, extent_nm))
+            with _main_not_reimported():  # the pool starts its process at the first submit
+                self._call(_start, settings, extent_nm)
         except BaseException:
             self.close()
             raise
 
     def run(self, locs: LocBlock, widefield: F32, frames: int, frames_averaged: int,
             camera_pixel_nm: float) -> DenseResult:
-        result: DenseResult = self._wait(self._pool.submit(
+        result: DenseResult = self._call(
             _run, locs, np.ascontiguousarray(widefield, np.float32), frames, frames_averaged,
-            camera_pixel_nm))
+            camera_pixel_nm)
         return result
 
-    @staticmethod
-    def _wait(future: Future[Any]) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         from dimscope.engines.base import EngineError
 
-        try:
+        try:  # a pool that saw its child die refuses at submit(), not only at result()
+            future: Future[Any] = self._pool.submit(fn, *args)
             return future.result()
         except BrokenProcessPool as exc:
             raise EngineError(f"the dense worker process died ({exc})") from None
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # dead or stuck: shut it down regardless
-            self._pool.submit(_stop).result(timeout=10.0)
+    @property
+    def pids(self) -> list[int]:
+        return list(getattr(self._pool, "_processes", None) or {})
+
+    def close(self, timeout: float = 10.0) -> None:
+        try:
+            self._pool.submit(_stop).result(timeout=timeout)
+        except Exception:  # dead or stuck: end it regardless
+            for pid in self.pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
         self._pool.shutdown(wait=True, cancel_futures=True)

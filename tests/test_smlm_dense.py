@@ -269,6 +269,7 @@ def test_the_dense_worker_matches_the_step_in_process_and_names_its_death(
         field: SimField) -> None:
     import os
     import signal
+    import time
 
     from dimscope.engines import EngineError
     from dimscope.smlm.dense_step import DenseStep, DenseStepSettings, DenseWorker
@@ -287,8 +288,9 @@ def test_the_dense_worker_matches_the_step_in_process_and_names_its_death(
         # the child keeps the ready rule's state: the same input again changes nothing
         assert worker.run(sparse, field.widefield, 600, 1, CAM.pixel_nm
                           ).check["change"] == pytest.approx(0.0, abs=1e-6)
-        for pid in list(worker._pool._processes or {}):  # a real kill of the real child
+        for pid in worker.pids:  # a real kill of the real child
             os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)  # the pool notices: run() must still name the death
         with pytest.raises(EngineError, match="dense worker process died"):
             worker.run(sparse, field.widefield, 900, 1, CAM.pixel_nm)
     finally:

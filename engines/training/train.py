@@ -253,9 +253,13 @@ def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator
     else:
         saved = out.with_suffix(".pool.npz")
         source = " ".join(settings.data + settings.movies) or "simulated"
-        if saved.is_file() and pool_source(saved) == (source, settings.pool):
-            inputs, targets = load_pools([saved], guide, settings.window, settings.scale)
-        else:
+        reuse = saved.is_file() and pool_source(saved) == (source, settings.pool)
+        if reuse:
+            try:
+                inputs, targets = load_pools([saved], guide, settings.window, settings.scale)
+            except ValueError:  # made for another guide, window or scale
+                reuse = False
+        if not reuse:
             saved.unlink(missing_ok=True)  # made from other data: make it again
             movies = [m for f in tif_files(settings.movies) for m in movie_channels(f)]
             clips = ClipSampler(settings.window, settings.patch * settings.scale, 1,
