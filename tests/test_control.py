@@ -477,8 +477,12 @@ def test_ctl_cli_drives_a_running_daemon(tmp_path: Path) -> None:
         plan.write_text("time_plan:\n  interval: 0.01\n  loops: 3\n")
         mda = dimscope(*ctl, "mda", str(plan))
         assert mda.returncode == 0 and "3 frame(s)" in mda.stdout, mda.stderr
+        # SIGINT as a terminal gives it (a disposition of "ignore" inherited from whatever
+        # started the suite would make Python never raise KeyboardInterrupt)
         watch = subprocess.Popen([*CLI, *ctl, "status", "--watch", "--interval", "0.2"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                  signal.SIG_DFL))
         assert watch.stdout is not None
         first = watch.stdout.readline()  # drawing: imported and connected (slow under load)
         time.sleep(1.6)
