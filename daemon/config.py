@@ -361,7 +361,8 @@ class LocalizeNodeConfig(_NodeConfig):
         8192, ge=16, description="frames waiting to be localized (a frame is shared with "
         "the archive, so this costs its pixels only while queued). Overflow leaves a gap in "
         "the table, counted and named; the raw archive still has the frames")
-    psf_sigma_nm: float = Field(130.0, gt=0, description="start width of the Gaussian PSF")
+    psf_sigma_nm: float = Field(130.0, gt=0, description="width of the Gaussian PSF: the fit's "
+                                "start, and the multi-emitter refit's fixed width")
     roisize: int = Field(7, ge=5, description="fit box, pixels (odd)")
     cutoff: float = Field(1.7, gt=0, description="detection: dynamic cutoff factor")
     queue_mb: int = Field(
@@ -376,6 +377,10 @@ class LocalizeNodeConfig(_NodeConfig):
         0, ge=0, description="EM refits of fits at the frame edge (accuracy at the edge for "
         "about a fifth of the rate; see README: Localization microscopy)")
     threads: int = Field(0, ge=0, description="fit threads; 0: one per core")
+    multi_emitter: bool = Field(
+        True, description="refit emitters the single-emitter fit merged as several (accuracy "
+        "at high density for about the library's own fitting time again; see README: "
+        "Localization microscopy)")
     table: str = Field("localizations.arrows", pattern=r"^[A-Za-z0-9_.-]+\.arrows$",
                        description="the table's file name in the run folder")
 

@@ -70,6 +70,7 @@ class LocalizeStage(Stage):
         # Imported and built here, so a missing smlm extra or a bad setting is an EngineError
         # at graph building ("node not running"), never a crash when the run starts.
         from dimscope.smlm.localize import LocalizerSettings, SmappyLocalizer
+        from dimscope.smlm.multi_emitter import MultiEmitterSettings
         from dimscope.smlm.table import LocTableWriter
 
         self.node = node
@@ -82,7 +83,8 @@ class LocalizeStage(Stage):
             gain_adu_per_e=calibration.gain_adu_per_e, offset_adu=calibration.offset_adu,
             read_noise_e=calibration.read_noise_e, roisize=node.roisize, cutoff=node.cutoff,
             flush_frames=node.block_frames, edge_em_iterations=node.edge_em_iterations,
-            threads=node.threads)
+            threads=node.threads,
+            multi_emitter=MultiEmitterSettings() if node.multi_emitter else None)
         self._localizer: Any = SmappyLocalizer(self.settings)
         self._writer_class = LocTableWriter
         self._writer: Any = None
@@ -97,6 +99,7 @@ class LocalizeStage(Stage):
         self.not_localized_ids: list[int] = []
         #: seconds spent inside the localizer (so its live rate compares with a batch run)
         self._seconds_done = 0.0
+        self._added_done = 0  # emitters the multi-emitter refit added, by earlier localizers
 
     def setup(self) -> None:
         from dimscope.smlm.block import OPTIONAL
@@ -164,6 +167,7 @@ class LocalizeStage(Stage):
             for block in self._localizer.flush():
                 self._publish(block, self._last)
         self._seconds_done += self._localizer.seconds
+        self._added_done += self._localizer.multi_emitter_counts["emitters_added"]
         self._localizer = SmappyLocalizer(self.settings)
 
     def _publish(self, block: Any, frame: Frame) -> None:
@@ -204,13 +208,15 @@ class LocalizeStage(Stage):
         with self._lock:
             ids = list(self.not_localized_ids)
         busy = self._seconds_done + (self._localizer.seconds if self._localizer else 0.0)
+        added = self._added_done + self._localizer.multi_emitter_counts["emitters_added"]
         # Every frame the queue dropped or a timed-out drain abandoned is in counters.dropped
         # (the id list may be shorter: the first ids only).
         snap.update(lag_frames=self.depth + len(self._pending),
                     localizations=self.localizations,
                     frames_localized=self.frames_localized,
                     not_localized=max(self.not_localized, self.counters.dropped),
-                    not_localized_ids=ids, table=str(self.path), localize_seconds=busy)
+                    not_localized_ids=ids, table=str(self.path), localize_seconds=busy,
+                    emitters_added=added)
         return snap
 
 

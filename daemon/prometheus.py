@@ -213,6 +213,9 @@ class PipelineCollector(Collector):
         locs = CounterMetricFamily("dimscope_localizations",
                                    "single-molecule localizations written to the table",
                                    labels=["stage"])
+        added = CounterMetricFamily("dimscope_localize_emitters_added",
+                                    "emitters the multi-emitter refit added (overlapping "
+                                    "emitters the library fitted as one)", labels=["stage"])
         not_localized = CounterMetricFamily(
             "dimscope_frames_not_localized", "frames left out of live localization by its "
             "queue (the raw archive has them)", labels=["stage"])
@@ -233,6 +236,7 @@ class PipelineCollector(Collector):
                 lag.add_metric([name], st.lag_frames)
                 locs.add_metric([name], st.localizations or 0)
                 not_localized.add_metric([name], st.not_localized or 0)
+                added.add_metric([name], st.emitters_added or 0)
             if st.trust_alerts is not None:
                 alerts.add_metric([name], st.trust_alerts)
             if st.budget_ms is not None:  # tiers only change under a budget
@@ -246,7 +250,7 @@ class PipelineCollector(Collector):
                 rounds.add_metric([name], st.adapt_rounds)
                 swaps.add_metric([name], st.adapt_swaps or 0)
         yield from (alerts, budget, skipped, changes, tier, tier_info, adapt, rounds, swaps,
-                    lag, locs, not_localized, predictions, ready, flagged)
+                    lag, locs, added, not_localized, predictions, ready, flagged)
 
 
 class MetricsServer:

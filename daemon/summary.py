@@ -74,6 +74,8 @@ class StageStats(_Report):
     table: str | None = Field(None, description="localize: the localization table's path")
     localize_seconds: float | None = Field(None, description="localize: time spent inside "
                                            "the localizer (its live rate = frames / this)")
+    emitters_added: int | None = Field(None, description="localize: emitters the multi-emitter "
+                                       "refit found beside ones the library merged them into")
     renders: int | None = Field(None, description="render: images made")
     frames: int | None = Field(None, description="render: frames covered by the "
                                "localizations received so far")

@@ -31,6 +31,11 @@ width on multithreaded C++, CRLB per fit). What this module adds around the libr
   at (j + ½)·pixel (see `psf`), so ½ pixel is added.
 - **frame ranges and a flush clock for live use**: smappy fits when ~9,000 ROIs are buffered
   (minutes of a sparse acquisition); here a block is also closed every `flush_frames` frames.
+- **overlapping emitters**: smappy fits one emitter per candidate, so two emitters within a
+  couple of PSF widths come out as one localization between them. Each block's such places
+  are refitted with several emitters (`multi_emitter`, on by default; `multi_emitter=None`
+  for the library's fits alone). It costs about as much again as the library's fits at 30
+  emitters per 128² frame (results/smlm.md).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from .block import LocBlock, concat
+from .multi_emitter import MultiEmitterSettings, refit_overlaps
 from .simulate import ScmosMaps
 
 F32 = npt.NDArray[np.float32]
@@ -56,7 +62,8 @@ class LocalizerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pixel_nm: float = Field(100.0, gt=0, description="camera pixel in the sample, nm")
-    psf_sigma_nm: float = Field(130.0, gt=0, description="start width of the Gaussian PSF")
+    psf_sigma_nm: float = Field(130.0, gt=0, description="width of the Gaussian PSF: the fit's "
+                                "start, and the multi-emitter refit's fixed width")
     gain_adu_per_e: float = Field(1.0, gt=0, description="ADU per e⁻ (no sCMOS maps)")
     offset_adu: float = Field(0.0, description="camera offset, ADU (no sCMOS maps)")
     read_noise_e: float = Field(1.0, ge=0, description="rms read noise, e⁻ (no sCMOS maps)")
@@ -70,6 +77,10 @@ class LocalizerSettings(BaseModel):
         10, ge=0, description="most EM refits of a fit whose box reaches into the padding "
                               "(a box that stopped moving, < 0.02 px, is done)")
     threads: int = Field(0, ge=0, description="fit threads; 0: one per core")
+    multi_emitter: MultiEmitterSettings | None = Field(
+        default_factory=MultiEmitterSettings,
+        description="refit merged emitters as several (`multi_emitter`); None: the library's "
+                    "single-emitter fits only")
 
 
 @runtime_checkable
@@ -99,9 +110,9 @@ class SmappyLocalizer:
     """`smappy-smlm`'s engine behind the `Localizer` protocol."""
 
     name = "smappy"
-    #: the optional columns (`block.OPTIONAL`) its blocks carry
-    columns = ("x_err_nm", "y_err_nm", "photons_err", "background_err", "sigma_nm",
-               "log_likelihood", "log_likelihood_per_pixel", "iterations")
+    #: the optional columns (`block.OPTIONAL`) the library's fits fill
+    library_columns = ("x_err_nm", "y_err_nm", "photons_err", "background_err", "sigma_nm",
+                       "log_likelihood", "log_likelihood_per_pixel", "iterations")
 
     def __init__(self, settings: LocalizerSettings | None = None,
                  scmos: ScmosMaps | None = None) -> None:
@@ -115,6 +126,13 @@ class SmappyLocalizer:
             raise ValueError(f"roisize must be odd, got {s.roisize}")
         self.scmos = scmos
         self.pad = s.roisize // 2 if s.pad_px is None else s.pad_px
+        #: the optional columns (`block.OPTIONAL`) its blocks carry
+        self.columns: tuple[str, ...] = self.library_columns + (
+            ("emitters_in_fit",) if s.multi_emitter is not None else ())
+        #: what the multi-emitter refit did so far (`multi_emitter.refit_overlaps`)
+        self.multi_emitter_counts = {"groups_refitted": 0, "emitters_added": 0,
+                                     "dropped_at_rim": 0, "dropped_off_field": 0,
+                                     "blocks_with_other_psf_width": 0}
         if scmos is not None:
             # the median read-noise variance in e⁻²: smappy's (scalar) readout term
             read_noise = float(np.sqrt(np.median(scmos.variance / scmos.gain ** 2)))
@@ -133,7 +151,7 @@ class SmappyLocalizer:
         self._shape: tuple[int, int] | None = None
         self._next = 0  # next frame expected
         self._start = 0  # first frame of the open block
-        self._held: list[F32] = []  # the open block's padded photons, for the edge refit
+        self._held: list[F32] = []  # the open block's padded photons, for the refits
         self.seconds = 0.0  # time spent in push/flush
 
     # ------------------------------------------------------------------ the camera
@@ -187,7 +205,7 @@ class SmappyLocalizer:
             room = s.flush_frames - (self._next - self._start)
             part = arr[i:i + room]
             padded = self._padded(self.to_photons(part))
-            if self.pad and s.edge_em_iterations:
+            if (self.pad and s.edge_em_iterations) or s.multi_emitter is not None:
                 self._held.append(padded)
             locs = self._engine.push(padded, self._next)
             self._next += len(part)
@@ -237,8 +255,9 @@ class SmappyLocalizer:
             return LocBlock.empty(start, stop)
         s = self.settings
         c = dict(locs.columns)
-        if held:
-            self._refit_edges(c, np.concatenate(held), start)
+        frames = np.concatenate(held) if held else None
+        if frames is not None and self.pad and s.edge_em_iterations:
+            self._refit_edges(c, frames, start)
         shift = (0.5 - self.pad) * s.pixel_nm
         x = np.asarray(c["x_nm"], np.float32) + np.float32(shift)
         y = np.asarray(c["y_nm"], np.float32) + np.float32(shift)
@@ -258,8 +277,14 @@ class SmappyLocalizer:
             "iterations": c["iterations"],
         }
         block = LocBlock(start, stop, {k: np.asarray(v)[on_field] for k, v in cols.items()})
-        order = np.argsort(block.frame, kind="stable")
-        return block.select(order)
+        block = block.select(np.argsort(block.frame, kind="stable"))
+        if s.multi_emitter is not None and frames is not None:
+            p = self.pad
+            block, counts = refit_overlaps(block, frames[:, p:p + h, p:p + w], s.pixel_nm,
+                                           s.psf_sigma_nm, self.read_noise_e, s.multi_emitter)
+            for name, value in counts.items():
+                self.multi_emitter_counts[name] += value
+        return block
 
 
     def _refit_edges(self, c: dict[str, Any], photons: F32, start: int) -> None:

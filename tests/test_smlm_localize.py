@@ -83,7 +83,9 @@ def test_push_one_frame_at_a_time_equals_batch(
     key = np.lexsort((batch.x_nm, batch.frame))
     key2 = np.lexsort((joined.x_nm, joined.frame))
     assert len(joined) == len(batch)
-    np.testing.assert_allclose(joined.x_nm[key2], batch.x_nm[key], atol=1e-3)
+    # to 0.01 nm: the multi-emitter refit batches a block's groups together, and the float
+    # sums over a batch's padded boxes round a little differently (0.002 nm seen)
+    np.testing.assert_allclose(joined.x_nm[key2], batch.x_nm[key], atol=1e-2)
     np.testing.assert_allclose(joined["photons"][key2], batch["photons"][key], rtol=1e-4)
 
 
@@ -161,8 +163,10 @@ def test_edge_fits_are_refined_by_em() -> None:
                        for xi, yi in zip(x, y, strict=True)]) * 2 + 100
 
     def errors(em: int) -> np.ndarray:
-        locs = SmappyLocalizer(SETTINGS.model_copy(update={"edge_em_iterations": em})).localize(
-            frames.astype(np.uint16))
+        # the EM refit alone: the multi-emitter refit also fixes such fits (it leaves pixels
+        # off the camera out of its likelihood)
+        locs = SmappyLocalizer(SETTINGS.model_copy(update={
+            "edge_em_iterations": em, "multi_emitter": None})).localize(frames.astype(np.uint16))
         m = match(np.arange(n), x, y, locs.frame, locs.x_nm, locs.y_nm, 250)
         assert m.tp > 0.95 * n
         return np.hypot(m.dx_nm, m.dy_nm)
