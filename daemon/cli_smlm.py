@@ -108,7 +108,7 @@ def cmd_smlm_localize(args: argparse.Namespace) -> int:
         settings = LocalizerSettings(
             pixel_nm=args.pixel_nm, psf_sigma_nm=args.psf_sigma_nm, gain_adu_per_e=args.gain,
             offset_adu=args.offset, read_noise_e=args.read_noise, roisize=args.roisize,
-            cutoff=args.cutoff)
+            cutoff=args.cutoff, **({"multi_emitter": None} if args.single_emitter else {}))
         localizer = SmappyLocalizer(settings, scmos)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
@@ -397,6 +397,9 @@ def add_smlm_commands(subparsers: Any) -> argparse.ArgumentParser:
                     metavar=("ROW", "COL"), help="where the frames sit on the calibration")
     lo.add_argument("--roisize", type=int, default=7)
     lo.add_argument("--cutoff", type=float, default=1.7)
+    lo.add_argument("--single-emitter", action="store_true",
+                    help="the library's single-emitter fits only: no multi-emitter refit of "
+                    "overlapping emitters (about 3× faster at 30 emitters per 128² frame)")
     lo.add_argument("--chunk", type=int, default=200, help="frames read at a time")
     lo.add_argument("--merge-nm", type=float, default=None,
                     help="also write molecules (TABLE.molecules.EXT): merge localizations in "

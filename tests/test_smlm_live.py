@@ -56,9 +56,10 @@ def recording(tmp_path_factory: pytest.TempPathFactory
     return path, sim, truth
 
 
-def stages(every: int = 100, queue: int = 8192, edge_em: int = 0) -> list[dict[str, object]]:
+def stages(every: int = 100, queue: int = 8192, edge_em: int = 0,
+           multi_emitter: bool = False) -> list[dict[str, object]]:
     return [{"kind": "localize", "name": "localize", "queue_frames": queue,
-             "edge_em_iterations": edge_em},
+             "edge_em_iterations": edge_em, "multi_emitter": multi_emitter},
             {"kind": "publish", "name": "publish_localizations", "upstream": "localize",
              "topic": "localizations"},
             {"kind": "render", "name": "render", "upstream": "localize", "every_frames": every},
@@ -81,11 +82,14 @@ def camera(sim: SMLMSimulator) -> dict[str, float]:
 def test_every_frame_is_localized_live_as_in_batch(
         tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
     path, sim, truth = recording
-    cfg = make_config(tmp_path, source=source(path, sim, 400.0), stages=stages(),
+    # with the multi-emitter refit (off by default live): the live table is the batch's
+    cfg = make_config(tmp_path, source=source(path, sim, 400.0),
+                      stages=stages(multi_emitter=True),
                       engine={"name": "identity"}, trust={"enabled": False},
                       camera=camera(sim))
     summary, messages = run_and_record(cfg, 3.0, ["localizations", "render"])
     loc = summary["stages"]["localize"]
+    assert loc["emitters_added"] > 0
     assert summary["archived"] == summary["acquired"] == FRAMES
     assert loc["frames_localized"] == FRAMES and loc["not_localized"] == 0
     assert loc["lag_frames"] == 0
@@ -96,6 +100,7 @@ def test_every_frame_is_localized_live_as_in_batch(
     assert read.units["x_nm"] == "nm" and read.units["precision_nm"] == "nm"
     table = read.table
     assert len(table) == loc["localizations"] > 5 * FRAMES
+    assert (table["emitters_in_fit"] > 1).sum() >= loc["emitters_added"]
 
     # The same localizer on the same frames in one batch finds the same molecules.
     cam = sim.settings.camera
