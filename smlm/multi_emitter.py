@@ -59,14 +59,15 @@ class MultiEmitterSettings(BaseModel):
     width_tolerance: float = Field(
         0.05, gt=0, description="refit a group when a member's fitted PSF width is off the "
                                 "block's median by more than this fraction")
-    group_nm: float = Field(500.0, gt=0, description="localizations of one frame this close "
+    group_nm: float = Field(700.0, gt=0, description="localizations of one frame this close "
                                                      "form a group")
     max_group: int = Field(8, ge=1, description="larger groups are left as the library fitted "
                                                 "them")
-    max_added: int = Field(2, ge=0, description="most emitters added to a group")
+    max_added: int = Field(3, ge=0, description="most emitters added to a group")
     min_deviance_drop: float = Field(
-        15.0, gt=0, description="an added emitter must lower the deviance by this much (3 more "
-                                "parameters: χ²₃ exceeds 15 with p ≈ 0.002)")
+        25.0, gt=0, description="an added emitter must lower the deviance by this much (3 more "
+                                "parameters: χ²₃ exceeds 25 with p ≈ 2·10⁻⁵; the search for "
+                                "its place makes chance drops larger than that)")
     min_photons: float = Field(500.0, ge=0, description="an added emitter needs this many "
                                                         "photons")
     iterations: int = Field(20, ge=1, description="most Levenberg–Marquardt steps per fit")
