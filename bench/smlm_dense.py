@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-fields", type=int, default=6, help="fields per training structure")
     p.add_argument("--eval-fields", type=int, default=2, help="fields per held-out structure")
     p.add_argument("--cache", type=Path, default=CACHE, help="fold models (reused)")
-    p.add_argument("--base", choices=["sparse", "widefield"], default="sparse",
+    p.add_argument("--base", choices=["sparse", "widefield", "adaptive"], default="sparse",
                    help="the input channel the network's residual is added to")
     p.add_argument("--folds", nargs="+", default=["A", "B"])
     p.add_argument("--results", type=Path, default=RESULTS)

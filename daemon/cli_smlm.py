@@ -399,7 +399,7 @@ def add_smlm_commands(subparsers: Any) -> argparse.ArgumentParser:
     lo.add_argument("--cutoff", type=float, default=1.7)
     lo.add_argument("--single-emitter", action="store_true",
                     help="the library's single-emitter fits only: no multi-emitter refit of "
-                    "overlapping emitters (about 3× faster at 30 emitters per 128² frame)")
+                    "overlapping emitters (about 3.5× faster at 30 emitters per 128² frame)")
     lo.add_argument("--chunk", type=int, default=200, help="frames read at a time")
     lo.add_argument("--merge-nm", type=float, default=None,
                     help="also write molecules (TABLE.molecules.EXT): merge localizations in "

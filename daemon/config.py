@@ -379,8 +379,8 @@ class LocalizeNodeConfig(_NodeConfig):
     threads: int = Field(0, ge=0, description="fit threads; 0: one per core")
     multi_emitter: bool = Field(
         False, description="refit emitters the single-emitter fit merged as several: RMSE "
-        "34 → 13 nm at 30 emitters per 128² frame, but the localizer's rate falls to about a "
-        "third (on 2 cores the simulated camera then no longer reaches 200 frames/s); off "
+        "34 → 12 nm at 30 emitters per 128² frame, but the localizer's rate falls to about a "
+        "quarter (on 2 cores the simulated camera then no longer reaches 200 frames/s); off "
         "live by default, on in `dimscope smlm localize` (README: Localization microscopy)")
     table: str = Field("localizations.arrows", pattern=r"^[A-Za-z0-9_.-]+\.arrows$",
                        description="the table's file name in the run folder")

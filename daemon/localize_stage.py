@@ -166,9 +166,11 @@ class LocalizeStage(Stage):
         if self._last is not None:
             for block in self._localizer.flush():
                 self._publish(block, self._last)
-        self._seconds_done += self._localizer.seconds
-        self._added_done += self._localizer.multi_emitter_counts["emitters_added"]
-        self._localizer = SmappyLocalizer(self.settings)
+        fresh = SmappyLocalizer(self.settings)
+        with self._lock:  # a snapshot sees the counts before or after, never both
+            self._seconds_done += self._localizer.seconds
+            self._added_done += self._localizer.multi_emitter_counts["emitters_added"]
+            self._localizer = fresh
 
     def _publish(self, block: Any, frame: Frame) -> None:
         from dimscope.smlm.table import block_to_ipc
@@ -207,8 +209,8 @@ class LocalizeStage(Stage):
         snap = super().snapshot()
         with self._lock:
             ids = list(self.not_localized_ids)
-        busy = self._seconds_done + (self._localizer.seconds if self._localizer else 0.0)
-        added = self._added_done + self._localizer.multi_emitter_counts["emitters_added"]
+            busy = self._seconds_done + self._localizer.seconds
+            added = self._added_done + self._localizer.multi_emitter_counts["emitters_added"]
         # Every frame the queue dropped or a timed-out drain abandoned is in counters.dropped
         # (the id list may be shorter: the first ids only).
         snap.update(lag_frames=self.depth + len(self._pending),

@@ -214,8 +214,9 @@ class PipelineCollector(Collector):
                                    "single-molecule localizations written to the table",
                                    labels=["stage"])
         added = CounterMetricFamily("dimscope_localize_emitters_added",
-                                    "emitters the multi-emitter refit added (overlapping "
-                                    "emitters the library fitted as one)", labels=["stage"])
+                                    "emitters the multi-emitter refit added beside ones the "
+                                    "library merged them into (before dropping any fitted "
+                                    "at a fit box's rim)", labels=["stage"])
         not_localized = CounterMetricFamily(
             "dimscope_frames_not_localized", "frames left out of live localization by its "
             "queue (the raw archive has them)", labels=["stage"])

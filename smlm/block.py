@@ -40,8 +40,8 @@ OPTIONAL: Mapping[str, tuple[str, str, str]] = MappingProxyType({
     "log_likelihood": ("float32", "1", "fit quality: log-likelihood of the fit (library's)"),
     "log_likelihood_per_pixel": ("float32", "1", "fit quality: log-likelihood per ROI pixel"),
     "iterations": ("int32", "1", "iterations the fit took"),
-    "emitters_in_fit": ("int32", "1", "emitters fitted jointly with this one (1: alone); "
-                                      "see `multi_emitter`"),
+    "emitters_in_fit": ("int32", "1", "emitters in the multi-emitter fit that placed this "
+                                      "one (0: the library's own fit); see `multi_emitter`"),
     # merged molecules (`table.merge_molecules`)
     "frame_stop": ("int64", "frame", "last frame of a merged molecule, inclusive"),
     "n_locs": ("int32", "1", "localizations merged into a molecule"),

@@ -13,8 +13,7 @@ and DAOSTORM do:
    configured PSF width by more than `width_tolerance` (a merged pair fits wider; a single
    emitter fits the PSF), and it has at most `max_group` members.
 2. **Joint fit.** The group's emitters, each a pixel-integrated Gaussian of the configured
-   PSF width (so it must be right: a block whose median fitted width is off it by more than
-   10 % is counted in `blocks_with_other_psf_width`), plus one background, by Poisson maximum
+   PSF width, plus one background, by Poisson maximum
    likelihood — Levenberg–Marquardt on the Fisher-scoring step — in a box around the group
    (± 3 PSF widths). The read-noise variance is added to data and model, as smappy does;
    pixels off the camera are left out of the likelihood.
@@ -26,9 +25,13 @@ and DAOSTORM do:
    fitted beyond the camera's edge.
 
 Every refitted localization gets its precision from the inverse Fisher information of the
-joint fit, the PSF width it used as `sigma_nm`, and `emitters_in_fit` (the joint fit's
-emitter count; 1 for the library's own fits). The fits are vectorised with NumPy over all
-the groups of a block that have the same number of emitters.
+joint fit, the PSF width it used as `sigma_nm`, and `emitters_in_fit` (the number of
+emitters in the fit that placed it; 0 for the library's own fits, which keep their columns).
+A block whose fitted widths say the PSF is not the configured one (their lower quartile
+outside 0.92–1.04 of it) is left as the library fitted it (a wrong width would split lone
+emitters), and counted. The fits are
+vectorised with NumPy over all the groups of a block that have the same number of emitters;
+a group's result does not depend on the groups batched with it.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class MultiEmitterSettings(BaseModel):
 
     width_tolerance: float = Field(
         0.05, gt=0, description="refit a group when a member's fitted PSF width is off the "
-                                "block's median by more than this fraction")
+                                "configured width by more than this fraction")
     group_nm: float = Field(700.0, gt=0, description="localizations of one frame this close "
                                                      "form a group")
     max_group: int = Field(8, ge=1, description="larger groups are left as the library fitted "
@@ -84,6 +87,12 @@ class _Fits:
     theta: F64        # (B, 3k + 1): y, x, photons per emitter (camera pixels), background
     deviance: F64     # (B,)
     fisher: F64       # (B, 3k + 1, 3k + 1) at theta
+    improved: npt.NDArray[np.bool_]  # (B,) at least one step was taken
+
+    def select(self, keep: npt.NDArray[np.bool_]) -> _Fits:
+        return _Fits(self.boxes[keep], self.weights[keep], self.rows[keep], self.cols[keep],
+                     self.theta[keep], self.deviance[keep], self.fisher[keep],
+                     self.improved[keep])
 
 
 def _model(theta: F64, rows: F64, cols: F64, sigma: float, with_jacobian: bool
@@ -146,6 +155,7 @@ def _lm_fit(boxes: F64, weights: F64, rows: F64, cols: F64, theta0: F64, sigma: 
     mu, jac = evaluate(theta, rows, cols)
     ll = np.sum(wts * (data * np.log(mu) - mu), axis=1)
     lam = np.full(b, 1e-3)
+    improved = np.zeros(b, bool)
     active = np.arange(b)
     eye = np.eye(p)[None]
     for _ in range(iterations):
@@ -157,8 +167,11 @@ def _lm_fit(boxes: F64, weights: F64, rows: F64, cols: F64, theta0: F64, sigma: 
         scaled = jac_a * np.sqrt(w_a / mu_a)[:, None, :]
         fisher = scaled @ scaled.transpose(0, 2, 1)
         diag = np.diagonal(fisher, axis1=1, axis2=2)[:, :, None]
-        step = np.linalg.solve(fisher + lam[a, None, None] * (eye * diag + 1e-9 * eye),
-                               grad[:, :, None])[:, :, 0]
+        damped = fisher + lam[a, None, None] * (eye * diag + 1e-9 * eye)
+        try:
+            step = np.linalg.solve(damped, grad[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:  # one singular system must not fail the batch
+            step = (np.linalg.pinv(damped) @ grad[:, :, None])[:, :, 0]
         trial = np.clip(theta[a] + step, lo[a], hi[a])
         mu_t = _model(trial, rows[a], cols[a], sigma, False)[0].reshape(len(a), s * s) + read_var
         ll_t = np.sum(w_a * (data[a] * np.log(mu_t) - mu_t), axis=1)
@@ -166,6 +179,7 @@ def _lm_fit(boxes: F64, weights: F64, rows: F64, cols: F64, theta0: F64, sigma: 
         better = gain > 0
         idx = a[better]
         if len(idx):
+            improved[idx] = True
             # the Jacobian only where the step was taken
             mu[idx], jac[idx] = evaluate(trial[better], rows[idx], cols[idx])
             theta[idx], ll[idx] = trial[better], ll_t[better]
@@ -178,7 +192,7 @@ def _lm_fit(boxes: F64, weights: F64, rows: F64, cols: F64, theta0: F64, sigma: 
     fisher = scaled @ scaled.transpose(0, 2, 1)
     term = np.where(data > 0, data * np.log(np.maximum(data, 1e-12) / mu), 0.0) - (data - mu)
     deviance = 2.0 * np.sum(wts * term, axis=1)
-    return _Fits(boxes, weights, rows, cols, theta, deviance, fisher)
+    return _Fits(boxes, weights, rows, cols, theta, deviance, fisher, improved)
 
 
 @dataclass
@@ -230,14 +244,14 @@ def refit_overlaps(block: LocBlock, photons: npt.NDArray[np.float32], pixel_nm: 
     `photons` are the block's frames (frame_start… on axis 0) in photo-electrons, on the
     camera's grid; positions follow `dimscope.smlm` (pixel j's centre at (j + ½)·pixel).
     Returns the new block (rows sorted by frame) and counters: groups refitted, emitters
-    added, emitters dropped at a box's rim or off the field, and whether the block's median
-    fitted PSF width is more than 10 % off `psf_sigma_nm`.
+    added, emitters dropped at a box's rim or off the field, and whether the block's fitted
+    widths disagree with `psf_sigma_nm` (then it is returned unrefitted).
     """
     counts = {"groups_refitted": 0, "emitters_added": 0, "dropped_at_rim": 0,
               "dropped_off_field": 0, "blocks_with_other_psf_width": 0}
     n = len(block)
     if n == 0:
-        return block.with_columns(emitters_in_fit=np.ones(0, np.int32)), counts
+        return block.with_columns(emitters_in_fit=np.zeros(0, np.int32)), counts
     width = np.asarray(block.columns.get("sigma_nm", np.full(n, psf_sigma_nm)), np.float64)
     good = np.isfinite(width) & (width > 0)
     # The configured PSF width, not this block's median fitted width: a block's result must
@@ -245,8 +259,15 @@ def refit_overlaps(block: LocBlock, photons: npt.NDArray[np.float32], pixel_nm: 
     sigma_nm = psf_sigma_nm
     sigma = sigma_nm / pixel_nm
     off = ~good | (np.abs(width / sigma_nm - 1.0) > settings.width_tolerance)
-    if good.sum() >= 20 and abs(float(np.median(width[good])) / sigma_nm - 1.0) > 0.1:
+    # The lower quartile of the fitted widths is the PSF's width as lone emitters show it
+    # (merged ones only fit wider): 0.98 of the true width with smappy's fits here. Outside
+    # [0.92, 1.04] of the configured width the PSF is not the configured one, and a refit
+    # with the wrong width would split lone emitters (72 invented per 150 at a 12 % wider
+    # PSF): the block is left as the library fitted it.
+    quartile = float(np.percentile(width[good], 25)) / sigma_nm if good.sum() >= 20 else 1.0
+    if not 0.92 <= quartile <= 1.04:
         counts["blocks_with_other_psf_width"] = 1
+        return block.with_columns(emitters_in_fit=np.zeros(n, np.int32)), counts
     margin = math.ceil(3.0 * sigma)
     _, h, w = photons.shape
     yc = block.y_nm.astype(np.float64) / pixel_nm - 0.5  # pixel-centre coordinates
@@ -264,7 +285,7 @@ def refit_overlaps(block: LocBlock, photons: npt.NDArray[np.float32], pixel_nm: 
         groups.append(_Group(int(block.frame[members[0]]) - block.frame_start, members,
                              r0, r1, c0, c1))
     if not groups:
-        return block.with_columns(emitters_in_fit=np.ones(n, np.int32)), counts
+        return block.with_columns(emitters_in_fit=np.zeros(n, np.int32)), counts
     counts["groups_refitted"] = len(groups)
     read_var = read_noise_e ** 2
     photons_col = np.asarray(block.columns["photons"], np.float64)
@@ -274,29 +295,38 @@ def refit_overlaps(block: LocBlock, photons: npt.NDArray[np.float32], pixel_nm: 
     start: dict[int, list[tuple[_Group, F64]]] = {}
     for g in groups:
         m = g.members
-        theta = np.concatenate([np.c_[yc[m], xc[m], np.maximum(photons_col[m], 10.0)].ravel(),
-                                [max(float(np.median(bg_col[m])), 0.1)]])
+        ph = np.nan_to_num(photons_col[m], nan=100.0)
+        bg = bg_col[m][np.isfinite(bg_col[m])]
+        theta = np.concatenate([np.c_[yc[m], xc[m], np.maximum(ph, 10.0)].ravel(),
+                                [max(float(np.median(bg)), 0.1) if bg.size else 1.0]])
         start.setdefault(len(m), []).append((g, theta))
     for items in start.values():
         pending = [g for g, _ in items]
         fits = _fit_batch(pending, np.stack([t for _, t in items]), photons, sigma, read_var,
                           settings.iterations)
-        _accept(pending, fits, np.ones(len(pending), bool))
+        # a fit that never took a step or ended non-finite leaves the library's rows
+        ok = fits.improved & np.isfinite(fits.theta).all(axis=1) & np.isfinite(fits.deviance)
+        _accept(pending, fits, ok)
+        counts["groups_refitted"] -= int((~ok).sum())
+        pending = [g for g, keep in zip(pending, ok, strict=True) if keep]
+        fits = fits.select(ok)
         for _ in range(settings.max_added):
+            if not pending:
+                break
             trial = _lm_fit(fits.boxes, fits.weights, fits.rows, fits.cols,
                             _add_at_residual_peak(fits, sigma), sigma, read_var,
                             settings.iterations)
             better = ((fits.deviance - trial.deviance > settings.min_deviance_drop)
-                      & (trial.theta[:, -2] >= settings.min_photons))
+                      & (trial.theta[:, -2] >= settings.min_photons)
+                      & np.isfinite(trial.theta).all(axis=1))
             _accept(pending, trial, better)
             counts["emitters_added"] += int(better.sum())
             if not better.any():
                 break
             # the next round tries one more emitter where this one was kept
             pending = [g for g, ok in zip(pending, better, strict=True) if ok]
-            fits = _Fits(*(np.asarray(v)[better] for v in (
-                trial.boxes, trial.weights, trial.rows, trial.cols, trial.theta,
-                trial.deviance, trial.fisher)))
+            fits = trial.select(better)
+    groups = [g for g in groups if g.theta is not None]
     return _assemble(block, groups, h, w, pixel_nm, sigma_nm, counts), counts
 
 
@@ -331,11 +361,14 @@ def _add_at_residual_peak(fits: _Fits, sigma: float) -> F64:
     with the positive residual around that peak (5×5 px) as its photons."""
     mu, _ = _model(fits.theta, fits.rows, fits.cols, sigma, False)
     resid = (fits.boxes - mu) * fits.weights
-    smooth = ndi.gaussian_filter(resid, (0.0, 1.0, 1.0)) * fits.weights
+    # zeros beyond each box (not reflection at the batch's padded edge): a group's result
+    # must not depend on the other groups batched with it
+    smooth = ndi.gaussian_filter(resid, (0.0, 1.0, 1.0), mode="constant")
+    smooth = np.where(fits.weights > 0, smooth, -np.inf)
     b, size, _ = resid.shape
     peak = np.argmax(smooth.reshape(b, -1), axis=1)
     iy, ix = np.divmod(peak, size)
-    near = ndi.uniform_filter(np.clip(resid, 0.0, None), (1, 5, 5)) * 25.0
+    near = ndi.uniform_filter(np.clip(resid, 0.0, None), (1, 5, 5), mode="constant") * 25.0
     start = np.maximum(near[np.arange(b), iy, ix], 100.0)
     added = np.c_[fits.rows[np.arange(b), iy], fits.cols[np.arange(b), ix], start]
     return np.concatenate([fits.theta[:, :-1], added, fits.theta[:, -1:]], axis=1)
@@ -354,7 +387,8 @@ def _assemble(block: LocBlock, groups: list[_Group], h: int, w: int, pixel_nm: f
         k = (len(g.theta) - 1) // 3
         try:
             cov = np.linalg.inv(g.fisher)
-            err = np.sqrt(np.clip(np.diagonal(cov), 0.0, None))
+            var = np.diagonal(cov)
+            err = np.sqrt(np.where(var > 0, var, np.nan))  # ill-conditioned: no precision
         except np.linalg.LinAlgError:
             err = np.full(len(g.theta), np.nan)
         for e in range(k):
@@ -382,7 +416,7 @@ def _assemble(block: LocBlock, groups: list[_Group], h: int, w: int, pixel_nm: f
                 new[name].append(values.get(name, np.nan))
     kept = block.select(keep)
     columns = {name: np.concatenate([np.asarray(kept.columns[name]) if name in kept.columns
-                                     else np.ones(len(kept), np.int32),
+                                     else np.zeros(len(kept), np.int32),
                                      np.asarray(new[name], dtype=np.asarray(
                                          kept.columns[name]).dtype if name in kept.columns
                                          else np.int32)])
