@@ -124,7 +124,7 @@ def train_fold(name: str, specs: list[str], steps: int, per_structure: int,
     fields = simulate_fields(specs, per_structure, settings.frames_full, GRID, seed)
     if not out.is_file():
         t = time.monotonic()
-        train_dense(settings, out, fields)
+        train_dense(settings, out, fields, resume=True)  # a finished checkpoint: export
         print(f"fold {name}: trained in {time.monotonic() - t:.0f} s", file=sys.stderr)
     return out, fields
 
@@ -166,7 +166,11 @@ def markdown(result: dict[str, Any]) -> str:
         "wider than the localization PSF). Target: all 10,000 frames' localizations (Gaussian "
         "render, σ 20 nm, 20 nm pixels). PSNR (dB) and SSIM after an affine fit to the "
         "normalised target. Baselines on the same sparse localizations: histogram render; "
-        "Gaussian render with σ tuned per fraction on the fold's training fields.", "",
+        "Gaussian render with σ tuned per fraction on the fold's training fields. The "
+        + ("network adds its output to the widefield channel."
+           if result.get("base") == "widefield" else
+           "network adds its output to the sparse render (σ 20 nm).")
+        + f" {result['steps']} training steps per fold.", "",
         "| fraction of frames | fields | histogram | Gaussian (tuned σ) | **model** | model − "
         "Gaussian (won) | model − histogram (won) | SSIM model − Gaussian | worst field vs "
         "Gaussian |",
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-fields", type=int, default=6, help="fields per training structure")
     p.add_argument("--eval-fields", type=int, default=2, help="fields per held-out structure")
     p.add_argument("--cache", type=Path, default=CACHE, help="fold models (reused)")
-    p.add_argument("--base", choices=["sparse", "widefield", "adaptive"], default="sparse",
+    p.add_argument("--base", choices=["sparse", "widefield"], default="sparse",
                    help="the input channel the network's residual is added to")
     p.add_argument("--folds", nargs="+", default=["A", "B"])
     p.add_argument("--results", type=Path, default=RESULTS)

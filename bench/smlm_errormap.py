@@ -168,7 +168,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=4000, help="of the fold models to use")
     p.add_argument("--train-fields", type=int, default=6)
-    p.add_argument("--base", choices=["sparse", "widefield", "adaptive"], default="sparse")
+    p.add_argument("--base", choices=["sparse", "widefield"], default="sparse")
     args = p.parse_args()
     tag = "" if args.base == "sparse" else f"_{args.base}"
     rng = np.random.default_rng(2)

@@ -62,27 +62,11 @@ class DenseGrid:
     render_pixel_nm: float = 20.0
     input_sigma_px: float = 1.0
     target_sigma_px: float = 1.0
-    #: the channel the network's residual is added to (the last one): `sparse`, `widefield`,
-    #: or `adaptive` — a third channel, the Gaussian render at the width the localization
-    #: density calls for (`adaptive_sigma_px`), so that where localizations are too few for
-    #: detail the network starts from the best classical render instead of a spiky one
+    #: the channel the network's residual is added to (the last one): `sparse` or `widefield`
     base: str = "sparse"
 
     def shape(self, extent_nm: tuple[float, float]) -> tuple[int, int]:
         return grid_shape(extent_nm, self.render_pixel_nm)
-
-    @property
-    def channels(self) -> int:
-        return 3 if self.base == "adaptive" else 2
-
-    def adaptive_sigma_px(self, n_locs: int, shape: tuple[int, int]) -> float:
-        """Render width (pixels) for `n_locs` localizations on a field of `shape` pixels:
-        σ = 0.18 · ρ^−0.76, ρ the localizations per render pixel, within [σ_input, 16] —
-        the power law through the widths that tuning the Gaussian baseline on training
-        fields picked (bench/smlm_dense.py: 160, 40–60 and 30 nm at 20 nm pixels for 1, 5
-        and 10 % of 10,000 frames at ~30 emitters per 128² camera frame)."""
-        density = max(n_locs, 1) / float(shape[0] * shape[1])
-        return float(np.clip(0.18 * density ** -0.76, self.input_sigma_px, 16.0))
 
     def as_dict(self) -> dict[str, Any]:
         return {"render_pixel_nm": self.render_pixel_nm, "input_sigma_px": self.input_sigma_px,
@@ -140,15 +124,10 @@ def check_widefield(widefield_shape: tuple[int, ...], camera_shape: tuple[int, i
 
 def model_input(locs: LocBlock, widefield: npt.ArrayLike, extent_nm: tuple[float, float],
                 grid: DenseGrid) -> F32:
-    """(2, H, W): widefield, sparse render — or the reverse with `grid.base` `widefield`;
-    (3, H, W) with `adaptive`: widefield, sparse render, the density-matched Gaussian render
+    """(2, H, W): widefield, sparse render — or the reverse with `grid.base` `widefield`
     (the network adds its residual to the last channel)."""
     shape = grid.shape(extent_nm)
     channels = [widefield_channel(widefield, shape), sparse_channel(locs, extent_nm, grid)]
-    if grid.base == "adaptive":
-        sigma = grid.adaptive_sigma_px(len(locs), shape)
-        channels.append(_normalised(render_fixed(locs.x_nm, locs.y_nm, shape,
-                                                 grid.render_pixel_nm, sigma)))
     return np.stack(channels[::-1] if grid.base == "widefield" else channels)
 
 
@@ -236,7 +215,7 @@ class DensePredictor:
         return np.asarray(runtime.run(np.ascontiguousarray(batch, np.float32)), np.float32)
 
     def predict_input(self, inputs: F32) -> F32:
-        """The dense image for a (channels, H, W) `model_input`."""
+        """The dense image for a (2, H, W) `model_input`."""
         from dimscope.engines.tiling import run_tiled
 
         out = run_tiled(inputs, self._run, tile=self.tile, halo=self.halo, scale=1,

@@ -89,7 +89,7 @@ class DenseStep:
         """Compile and run the model once for the field it will see (a runtime that cannot
         run it fails here, at start)."""
         self.predictor.predict_input(
-            np.zeros((self.grid.channels, *self.grid.shape(self.extent_nm)), np.float32))
+            np.zeros((2, *self.grid.shape(self.extent_nm)), np.float32))
 
     def run(self, locs: LocBlock, widefield: F32, frames: int, frames_averaged: int,
             camera_pixel_nm: float) -> DenseResult:

@@ -221,7 +221,7 @@ def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] 
                                  settings.frames_full, settings.grid, settings.seed)
     log.info("%d simulated fields in %.0f s", len(fields), time.monotonic() - started)
     hparams = {"scale": 1, "channels": settings.channels, "levels": settings.levels,
-               "window": settings.grid.channels}
+               "window": 2}
     net = build_network("restore", **hparams)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)
     checkpoint = out.with_suffix(".ckpt")
