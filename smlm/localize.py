@@ -35,7 +35,7 @@ width on multithreaded C++, CRLB per fit). What this module adds around the libr
   couple of PSF widths come out as one localization between them. Each block's such places
   are refitted with several emitters (`multi_emitter`, on by default here and in `dimscope
   smlm localize`; `multi_emitter=None` for the library's fits alone; off by default in the
-  live `localize` node, for speed). It takes the localizer from ~1,300 to ~360 frames/s at 30
+  live `localize` node, for speed). It takes the localizer from ~1,300 to ~350 frames/s at 30
   emitters per 128² frame on 2 cores, and the RMSE from 3.9× to 1.4× the bound
   (results/smlm.md). The refit uses `psf_sigma_nm` as the PSF's width; a block whose fits say
   otherwise (lower quartile of the fitted widths outside 0.92–1.04 of it) is left
