@@ -28,6 +28,7 @@ import tifffile
 from scipy import ndimage as ndi
 
 from dimscope.engines.pairs.register import register
+from dimscope.engines.pairs.simulate import warped_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "singles" / "BPAE_actin.tif"
@@ -50,40 +51,12 @@ def make_pair(full: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.n
         return img
 
     crop, _ = random_crop(), random_crop()  # the check draws a second, unrelated field too
-
-    def norm(img: np.ndarray) -> np.ndarray:
-        img = img - np.percentile(img, 1)
-        return np.clip(img / max(np.percentile(img, 99.8), 1e-9), 0, 1.2)
-
-    high = norm(ndi.gaussian_filter(crop, 0.7))
-    low_true = norm(ndi.gaussian_filter(crop, 2.2)) ** 0.7
-    th = np.deg2rad(rng.uniform(-3, 3))
-    s = rng.uniform(0.98, 1.02)
-    t = rng.uniform(-5, 5, 2)
-    amp = rng.uniform(0.5, 1.2, 2)
-    ph = rng.uniform(0, 2 * np.pi, 2)
-    c = (N - 1) / 2
-
-    def fwd(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        yy = (c + s * (np.cos(th) * (y - c) - np.sin(th) * (x - c)) + t[0]
-              + amp[0] * np.sin(2 * np.pi * x / N + ph[0]))
-        xx = (c + s * (np.sin(th) * (y - c) + np.cos(th) * (x - c)) + t[1]
-              + amp[1] * np.cos(2 * np.pi * y / N + ph[1]))
-        return yy, xx
-
-    yy, xx = np.mgrid[0:N, 0:N].astype(float)
-    low = ndi.map_coordinates(low_true, fwd(yy, xx), order=3, mode="reflect")
-    low = low + rng.normal(0, 0.02, (N, N))
-    qy, qx = yy.copy(), xx.copy()
-    for _ in range(60):
-        fy, fx = fwd(qy, qx)
-        qy -= fy - yy
-        qx -= fx - xx
+    high, low, truth = warped_pair(crop, rng)
 
     def adu(img: np.ndarray) -> np.ndarray:
         return np.clip(img * 20000 + 2000, 0, 65535).astype(np.uint16)
 
-    return adu(high), adu(low), np.stack([qy, qx])
+    return adu(high), adu(low), truth
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import tifffile
 from scipy import ndimage as ndi
 
 from dimscope.daemon.cli import main
+from dimscope.engines.pairs.simulate import warped_pair
 
 M = 24  # interior margin, as in the check
 
@@ -50,35 +51,7 @@ def make_pair(seed: int, n: int = 256, scale: int = 1, warp: bool = True
     LOW's (row, col) for each HIGH pixel; `other` is an unrelated field seen like LOW."""
     rng = np.random.default_rng(seed)
     a, b = _field(rng, n), _field(rng, n)
-    high = _norm(ndi.gaussian_filter(a, 0.7))
-    low_true = _norm(ndi.gaussian_filter(a, 2.2)) ** 0.7
-    th = np.deg2rad(rng.uniform(-3, 3)) if warp else 0.0
-    s = rng.uniform(0.98, 1.02) if warp else 1.0
-    t = rng.uniform(-5, 5, 2) if warp else np.zeros(2)
-    amp = rng.uniform(0.5, 1.2, 2) if warp else np.zeros(2)
-    ph = rng.uniform(0, 2 * np.pi, 2)
-    c = (n - 1) / 2
-
-    def fwd(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # a point (y, x) of LOW's field, in HIGH's pixels, shows HIGH's field at fwd(y, x)
-        yy = (c + s * (np.cos(th) * (y - c) - np.sin(th) * (x - c)) + t[0]
-              + amp[0] * np.sin(2 * np.pi * x / n + ph[0]))
-        xx = (c + s * (np.sin(th) * (y - c) + np.cos(th) * (x - c)) + t[1]
-              + amp[1] * np.cos(2 * np.pi * y / n + ph[1]))
-        return yy, xx
-
-    nl = n // scale
-    iy, ix = np.mgrid[0:nl, 0:nl].astype(float)
-    uy, ux = (iy + 0.5) * scale - 0.5, (ix + 0.5) * scale - 0.5  # LOW pixel centres
-    low = (ndi.map_coordinates(low_true, fwd(uy, ux), order=3, mode="reflect")
-           + rng.normal(0, 0.02, (nl, nl)))
-    yy, xx = np.mgrid[0:n, 0:n].astype(float)
-    qy, qx = yy.copy(), xx.copy()
-    for _ in range(60):
-        fy, fx = fwd(qy, qx)
-        qy -= fy - yy
-        qx -= fx - xx
-    truth = np.stack([(qy + 0.5) / scale - 0.5, (qx + 0.5) / scale - 0.5])
+    high, low, truth = warped_pair(a, rng, scale, warp)
     other = _norm(ndi.gaussian_filter(b, 2.2)) ** 0.7
     return high, low, other, truth
 
