@@ -102,7 +102,7 @@ def main() -> int:
         settings = LocalizerSettings(
             pixel_nm=offline.CAM.pixel_nm, gain_adu_per_e=offline.CAM.gain_adu_per_e,
             offset_adu=offline.CAM.offset_adu, read_noise_e=offline.CAM.read_noise_e,
-            edge_em_iterations=0, flush_frames=50)
+            edge_em_iterations=0, flush_frames=50, multi_emitter=None)  # the node's defaults
         # Repeated and interleaved, the median kept: on a shared 2-core machine one batch
         # rate varies by ±10% from call to call.
         same_runs, library_runs = [], []
