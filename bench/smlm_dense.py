@@ -17,7 +17,11 @@ after the affine fit to the normalised target (`engines.evaluation.quality.score
 
 Baselines on the same sparse localizations: the histogram render, and the Gaussian render
 with its σ tuned per fraction on the fold's *training* fields (grid of σ, best mean PSNR).
-The shipped model (`engines/models/dense.onnx`) is trained on every class with `--ship`.
+The model's output is blurred by the width its card holds for the input's localization
+density, calibrated on the fold's training fields after training
+(`engines.training.dense.calibrate_output_smoothing`); the unsmoothed network output is
+reported beside it. The shipped model (`engines/models/dense.onnx`) is trained on every
+class with `--ship`.
 
     .venv/bin/python bench/smlm_dense.py [--steps 3000] [--ship]
     # ~35 min on 2 cores (3 trainings); writes results/smlm_dense.{json,md}
@@ -36,17 +40,21 @@ from typing import Any
 import numpy as np
 
 from dimscope.engines.evaluation.quality import score
+from dimscope.engines.model_file import read_card
 from dimscope.engines.training.dense import (
     DenseTrainSettings,
     SimField,
     simulate_fields,
     train_dense,
+    tune_gaussian_sigma,
+    write_output_smoothing,
 )
 from dimscope.smlm.dense import (
     DenseGrid,
     DensePredictor,
     frames_for_fraction,
     gaussian_baseline,
+    localization_density,
     model_input,
 )
 from dimscope.smlm.render import histogram_xy
@@ -56,7 +64,6 @@ DATA = ROOT.parent / "shared" / "data" / "singles"
 CACHE = ROOT / "bench" / ".cache" / "dense"
 RESULTS = ROOT / "results"
 FRACTIONS = (0.01, 0.05, 0.10)
-SIGMAS_NM = (10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 240.0)
 GRID = DenseGrid()
 
 IMAGES_A = ["BPAE_actin.tif", "BPAE_mito.tif", "hela-cells.tif"]
@@ -79,18 +86,6 @@ def label(spec: str) -> str:
     return Path(spec.split(":", 1)[1]).stem if spec.startswith("image:") else spec
 
 
-def tune_sigma(fields: list[SimField], fraction: float) -> float:
-    """The Gaussian render's σ with the best mean PSNR on these (training) fields."""
-    best, best_psnr = SIGMAS_NM[0], -np.inf
-    for sigma in SIGMAS_NM:
-        values = [score(f.target, gaussian_baseline(f.sparse(frames_for_fraction(
-            f.frames, fraction)), f.extent_nm, GRID, sigma), with_ssim=False)["psnr"]
-            for f in fields]
-        if float(np.mean(values)) > best_psnr:
-            best, best_psnr = sigma, float(np.mean(values))
-    return best
-
-
 def evaluate(model: DensePredictor, fields: list[SimField], sigmas: dict[float, float]
              ) -> list[dict[str, Any]]:
     rows = []
@@ -100,12 +95,16 @@ def evaluate(model: DensePredictor, fields: list[SimField], sigmas: dict[float, 
             sparse = f.sparse(n)
             hist = histogram_xy(sparse.x_nm, sparse.y_nm, GRID.render_pixel_nm, f.extent_nm)
             gauss = gaussian_baseline(sparse, f.extent_nm, GRID, sigmas[fraction])
-            dense = model.predict_input(model_input(sparse, f.widefield, f.extent_nm,
-                                                    model.grid))
+            inputs = model_input(sparse, f.widefield, f.extent_nm, model.grid)
+            density = localization_density(sparse, f.extent_nm)
+            network = model.predict_input(inputs)
+            dense = model.predict_input(inputs, density)
             row: dict[str, Any] = {"structure": f.structure, "fraction": fraction,
                                    "frames": n, "localizations": len(sparse),
-                                   "sigma_nm": sigmas[fraction]}
-            for name, img in (("histogram", hist), ("gaussian", gauss), ("model", dense)):
+                                   "sigma_nm": sigmas[fraction],
+                                   "blur_px": model.smoothing_px(density)}
+            for name, img in (("histogram", hist), ("gaussian", gauss), ("network", network),
+                              ("model", dense)):
                 s = score(f.target, img)
                 row[name] = {"psnr": round(s["psnr"], 3), "ssim": round(s["ssim"], 4)}
             rows.append(row)
@@ -126,6 +125,10 @@ def train_fold(name: str, specs: list[str], steps: int, per_structure: int,
         t = time.monotonic()
         train_dense(settings, out, fields, resume=True)  # a finished checkpoint: export
         print(f"fold {name}: trained in {time.monotonic() - t:.0f} s", file=sys.stderr)
+    card = read_card(out)
+    if card.dense is not None and not card.dense.output_smoothing:  # trained before it existed
+        print(f"fold {name}: output blur {write_output_smoothing(out, fields)}",
+              file=sys.stderr)
     return out, fields
 
 
@@ -140,6 +143,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[str(fraction)] = {
             "n": len(sel),
             "model_psnr": round(float(np.mean([r["model"]["psnr"] for r in sel])), 2),
+            "network_psnr": round(float(np.mean([r["network"]["psnr"] for r in sel])), 2),
+            "model_ssim": round(float(np.mean([r["model"]["ssim"] for r in sel])), 4),
+            "gaussian_ssim": round(float(np.mean([r["gaussian"]["ssim"] for r in sel])), 4),
+            "ssim_won_vs_gaussian": sum(r["model"]["ssim"] > r["gaussian"]["ssim"]
+                                        for r in sel),
             "gaussian_psnr": round(float(np.mean([r["gaussian"]["psnr"] for r in sel])), 2),
             "histogram_psnr": round(float(np.mean([r["histogram"]["psnr"] for r in sel])), 2),
             "margin_vs_gaussian_db": round(float(np.mean(margins["gaussian"])), 2),
@@ -170,30 +178,35 @@ def markdown(result: dict[str, Any]) -> str:
         + ("network adds its output to the widefield channel."
            if result.get("base") == "widefield" else
            "network adds its output to the sparse render (σ 20 nm).")
-        + f" {result['steps']} training steps per fold.", "",
-        "| fraction of frames | fields | histogram | Gaussian (tuned σ) | **model** | model − "
-        "Gaussian (won) | model − histogram (won) | SSIM model − Gaussian | worst field vs "
-        "Gaussian |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        + f" {result['steps']} training steps per fold. **model**: the network's output "
+        "blurred by the width its card holds for the input density (calibrated on the "
+        "fold's training fields); *network*: unblurred.", "",
+        "| fraction of frames | fields | histogram | Gaussian (tuned σ) | *network* | "
+        "**model** | model − Gaussian (won) | model − histogram (won) | SSIM Gaussian → "
+        "model (won) | worst field vs Gaussian |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for fraction, s in result["summary"].items():
         lines.append(
             f"| {float(fraction):.0%} | {s['n']} | {s['histogram_psnr']:.2f} | "
-            f"{s['gaussian_psnr']:.2f} | **{s['model_psnr']:.2f}** | "
+            f"{s['gaussian_psnr']:.2f} | *{s['network_psnr']:.2f}* | "
+            f"**{s['model_psnr']:.2f}** | "
             f"{s['margin_vs_gaussian_db']:+.2f} ({s['won_vs_gaussian']}/{s['n']}) | "
             f"{s['margin_vs_histogram_db']:+.2f} ({s['won_vs_histogram']}/{s['n']}) | "
-            f"{s['ssim_margin_vs_gaussian']:+.4f} | {s['worst']['margin_db']:+.2f} "
+            f"{s['gaussian_ssim']:.3f} → {s['model_ssim']:.3f} "
+            f"({s['ssim_won_vs_gaussian']}/{s['n']}) | {s['worst']['margin_db']:+.2f} "
             f"({s['worst']['structure']}) |")
     lines += ["", "Per field (PSNR dB / SSIM):", "",
               "| fold | structure | fraction | localizations | σ nm | histogram | Gaussian | "
-              "model |", "|---|---|---|---|---|---|---|---|"]
+              "*network* | blur px | model |", "|---|---|---|---|---|---|---|---|---|---|"]
     for fold, rows in result["folds"].items():
         for r in rows["rows"]:
             lines.append(
                 f"| {fold} | {r['structure']} | {r['fraction']:.0%} | {r['localizations']} | "
                 f"{r['sigma_nm']:g} | {r['histogram']['psnr']:.2f} / "
                 f"{r['histogram']['ssim']:.3f} | {r['gaussian']['psnr']:.2f} / "
-                f"{r['gaussian']['ssim']:.3f} | {r['model']['psnr']:.2f} / "
-                f"{r['model']['ssim']:.3f} |")
+                f"{r['gaussian']['ssim']:.3f} | *{r['network']['psnr']:.2f} / "
+                f"{r['network']['ssim']:.3f}* | {r['blur_px']:.1f} | "
+                f"{r['model']['psnr']:.2f} / {r['model']['ssim']:.3f} |")
     lines += ["", "Tuned Gaussian σ per fold and fraction: " + "; ".join(
         f"{fold}: " + ", ".join(f"{float(k):.0%} → {v:g} nm" for k, v in rows["sigmas"].items())
         for fold, rows in result["folds"].items()), ""]
@@ -214,9 +227,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the shipped model on every class (engines/models/dense)")
     p.add_argument("--ship-only", action="store_true",
                    help="train the shipped model only, its card's table from results/")
+    p.add_argument("--calibrate-shipped", action="store_true",
+                   help="only store the output blur on the shipped model, calibrated on "
+                        "its training fields (a model trained before the calibration)")
     args = p.parse_args(argv)
     import torch
 
+    if args.calibrate_shipped:
+        from dimscope.engines.model_file import SHIPPED_DIR
+
+        shipped = SHIPPED_DIR / "dense.onnx"
+        table = write_output_smoothing(shipped, simulate_fields(
+            ship_specs(), 3, 10_000, GRID, seed=SHIP_SEED))
+        record_evaluation(shipped, json.loads(
+            (args.results / "smlm_dense.json").read_text())["summary"])
+        print(f"shipped dense model: output blur {table}")
+        return 0
     if args.ship_only:
         ship(args, json.loads((args.results / "smlm_dense.json").read_text())["summary"])
         return 0
@@ -232,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path, train_fields = train_fold(name, train_specs, args.steps,
                                               args.train_fields, seed=10 + i, cache=args.cache,
                                               base=args.base)
-        sigmas = {fr: tune_sigma(train_fields, fr) for fr in FRACTIONS}
+        sigmas = {fr: tune_gaussian_sigma(train_fields, fr, GRID) for fr in FRACTIONS}
         eval_fields = simulate_fields(eval_specs, args.eval_fields, 10_000, GRID, seed=500 + i)
         model = DensePredictor(model_path)
         rows = evaluate(model, eval_fields, sigmas)
@@ -253,21 +279,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SHIP_SEED = 7
+
+
+def ship_specs() -> list[str]:
+    """Every structure class and density map of both folds, with `random`."""
+    return sorted({s for a, b in folds().values() for s in a + b})
+
+
 def ship(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     """The shipped model: every class, the folds' recipe; its card holds the fold table."""
-    from dimscope.engines.model_file import SHIPPED_DIR, read_card, write_card_metadata
+    from dimscope.engines.model_file import SHIPPED_DIR
 
-    specs = sorted({s for a, b in folds().values() for s in a + b})  # with `random`
     out = SHIPPED_DIR / "dense.onnx"
-    settings = DenseTrainSettings(structures=specs, fields_per_structure=args.train_fields,
-                                  steps=args.steps, seed=7, name="dense",
+    settings = DenseTrainSettings(structures=ship_specs(),
+                                  fields_per_structure=args.train_fields,
+                                  steps=args.steps, seed=SHIP_SEED, name="dense",
                                   grid=DenseGrid(base=args.base))
     train_dense(settings, out)
-    card = read_card(out)
-    write_card_metadata(out, card.model_copy(update={"evaluation": {
+    record_evaluation(out, summary)
+
+
+def record_evaluation(model: Path, summary: dict[str, Any]) -> None:
+    """The folds' table on the shipped model's card."""
+    from dimscope.engines.model_file import write_card_metadata
+
+    card = read_card(model)
+    write_card_metadata(model, card.model_copy(update={"evaluation": {
         "protocol": "bench/smlm_dense.py: two folds, structure classes and density maps "
-                    "held out (simulation); PSNR after an affine fit to the full "
-                    "reconstruction, against the tuned Gaussian render",
+                    "held out (simulation); PSNR/SSIM after an affine fit to the full "
+                    "reconstruction, against the tuned Gaussian render; the output blurred "
+                    "as calibrated on each fold's training fields",
         "summary": summary}}))
 
 

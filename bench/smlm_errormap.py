@@ -45,7 +45,6 @@ from dimscope.smlm import errormap
 from dimscope.smlm.dense import (
     DensePredictor,
     frames_for_fraction,
-    model_input,
     shuffled,
 )
 from dimscope.smlm.ready import ReadyRule, ReadySettings
@@ -97,7 +96,7 @@ def tests_on(f: SimField, model: DensePredictor, rng: np.random.Generator, n: in
     dense5 = None
     for fraction in (0.01, 0.05, 0.10):
         sparse = f.sparse(frames_for_fraction(f.frames, fraction))
-        d = model.predict_input(model_input(sparse, f.widefield, f.extent_nm, model.grid))
+        d = model.predict(sparse, f.widefield, f.extent_nm)
         honest = emap(d, f)
         # A flag is false where the prediction, through the same fitted optics and the map's
         # own matched filter, agrees with the full reconstruction's to within 3σ of the
@@ -150,7 +149,7 @@ def ready_on(f: SimField, model: DensePredictor, rng: np.random.Generator) -> di
     for frames in range(500, f.frames + 1, 500):
         locs = f.sparse(frames)
         for name, table in (("honest", locs), ("shuffled", shuffled(locs, f.extent_nm, rng))):
-            d = model.predict_input(model_input(table, f.widefield, f.extent_nm, model.grid))
+            d = model.predict(table, f.widefield, f.extent_nm)
             check = rules[name].check(frames, table, d, GRID.render_pixel_nm,
                                       emap(d, f).flagged_fraction)
             last[name] = check.as_dict()

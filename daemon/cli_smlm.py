@@ -355,7 +355,9 @@ def cmd_smlm_train(args: argparse.Namespace) -> int:
                                   name=args.out.stem)
     result = train_dense(settings, args.out, progress=not args.quiet, resume=args.resume)
     print(f"wrote {result['model']} (+ {args.out.with_suffix('.json').name}): "
-          f"{result['steps']} steps, loss {result['loss']:.4f}")
+          f"{result['steps']} steps, loss {result['loss']:.4f}; output blur by density "
+          f"(localizations/µm² → render pixels): "
+          + ", ".join(f"{d:g} → {b:g}" for d, b in result["output_smoothing"]))
     return EXIT_OK
 
 

@@ -84,6 +84,9 @@ class DenseProvenance(BaseModel):
     adversarial_loss: bool = False
     #: ANNA-PALM's patent (smlm.dense.PATENT_NOTICE)
     notice: str = ""
+    #: (localizations per µm², Gaussian σ in render pixels) by density: the smoothing of the
+    #: output calibrated on the training fields (`smlm.dense.output_smoothing_px`); empty: none
+    output_smoothing: list[tuple[float, float]] = Field(default_factory=list)
 
 
 class ModelCard(BaseModel):

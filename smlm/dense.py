@@ -17,6 +17,13 @@ the number of frames, which is what lets one network serve 0.5 % to 15 % of the 
 rendered the same way (`target_image`), normalised the same way. The network is a
 `RestoreNet` (window 2: widefield then sparse; its residual is added to the sparse channel).
 
+**Output smoothing** (`output_smoothing_px`): an L1 loss makes the network predict each
+pixel's conditional median, which from a very sparse input (~1 % of the frames) is spikier
+than the structure: it scored below a plain Gaussian render in SSIM. The prediction is
+therefore blurred by a Gaussian whose width depends on the input's localization density,
+from a table on the model card calibrated on the training fields after training
+(`engines.training.dense.calibrate_output_smoothing`); at dense inputs the width is 0.
+
 **Training pairs** (`simulated_field`): the simulator's kinetics over a long acquisition
 (no camera frames are rendered: `SMLMSimulator.truth_only`), turned into localizations as a
 fitter would give them (`localizations_from_truth`): emitter-frames with fewer than
@@ -214,18 +221,26 @@ class DensePredictor:
             self._runtimes[key] = runtime
         return np.asarray(runtime.run(np.ascontiguousarray(batch, np.float32)), np.float32)
 
-    def predict_input(self, inputs: F32) -> F32:
-        """The dense image for a (2, H, W) `model_input`."""
+    def predict_input(self, inputs: F32, localizations_per_um2: float | None = None) -> F32:
+        """The dense image for a (2, H, W) `model_input`; smoothed as the card says for
+        this input density when it is given (`predict` always gives it)."""
         from dimscope.engines.tiling import run_tiled
 
         out = run_tiled(inputs, self._run, tile=self.tile, halo=self.halo, scale=1,
                         multiple=self.card.multiple)
         dense: F32 = np.clip(out, 0, None).astype(np.float32)
+        if localizations_per_um2 is not None:
+            dense = smooth_output(dense, self.smoothing_px(localizations_per_um2))
         return dense
+
+    def smoothing_px(self, localizations_per_um2: float) -> float:
+        assert self.card.dense is not None
+        return output_smoothing_px(self.card.dense.output_smoothing, localizations_per_um2)
 
     def predict(self, locs: LocBlock, widefield: npt.ArrayLike,
                 extent_nm: tuple[float, float]) -> F32:
-        return self.predict_input(model_input(locs, widefield, extent_nm, self.grid))
+        return self.predict_input(model_input(locs, widefield, extent_nm, self.grid),
+                                  localization_density(locs, extent_nm))
 
     def close(self) -> None:
         for runtime in self._runtimes.values():
@@ -247,6 +262,28 @@ def gaussian_baseline(locs: LocBlock, extent_nm: tuple[float, float], grid: Dens
 
     hist = histogram_xy(locs.x_nm, locs.y_nm, grid.render_pixel_nm, extent_nm)
     return np.asarray(gaussian_filter(hist, sigma_px, mode="constant"), np.float32)
+
+
+def localization_density(locs: LocBlock, extent_nm: tuple[float, float]) -> float:
+    """Localizations per µm² of the field."""
+    return len(locs) / max(extent_nm[0] * extent_nm[1] / 1e6, 1e-12)
+
+
+def output_smoothing_px(table: list[tuple[float, float]], density_per_um2: float) -> float:
+    """The output blur (render pixels) for an input of this density: the card's table
+    interpolated in log density, held constant beyond its ends; 0 without a table."""
+    if not table or density_per_um2 <= 0:
+        return 0.0
+    d = np.log([max(row[0], 1e-9) for row in table])
+    return float(np.interp(math.log(density_per_um2), d, [row[1] for row in table]))
+
+
+def smooth_output(dense: F32, sigma_px: float) -> F32:
+    if sigma_px <= 0.05:
+        return dense
+    from scipy.ndimage import gaussian_filter
+
+    return np.asarray(gaussian_filter(dense, sigma_px, mode="nearest"), np.float32)
 
 
 def frames_for_fraction(total_frames: int, fraction: float) -> int:

@@ -60,6 +60,31 @@ def test_the_model_beats_the_plain_renders_it_is_made_from(
     assert model > best_gaussian
 
 
+def test_the_output_is_blurred_as_the_card_says_for_the_input_density(
+        field: SimField, predictor: DensePredictor) -> None:
+    from dimscope.smlm.dense import (
+        localization_density,
+        model_input,
+        output_smoothing_px,
+        smooth_output,
+    )
+
+    table = [(10.0, 6.0), (1000.0, 0.0)]
+    assert output_smoothing_px(table, 2.0) == 6.0 and output_smoothing_px(table, 5e3) == 0.0
+    assert output_smoothing_px(table, 100.0) == pytest.approx(3.0)  # log-midpoint
+    assert output_smoothing_px([], 10.0) == 0.0
+    sparse = field.sparse(60)  # 1 % of the frames: the shipped card blurs this
+    density = localization_density(sparse, field.extent_nm)
+    blur = predictor.smoothing_px(density)
+    assert blur > 1.0
+    network = predictor.predict_input(model_input(sparse, field.widefield, field.extent_nm,
+                                                  predictor.grid))
+    dense = predictor.predict(sparse, field.widefield, field.extent_nm)
+    np.testing.assert_allclose(dense, smooth_output(network, blur), rtol=1e-5, atol=1e-7)
+    assert np.abs(np.diff(dense)).mean() < 0.5 * np.abs(np.diff(network)).mean()
+    assert predictor.smoothing_px(1e4) == 0.0  # a dense input is left as the network made it
+
+
 def test_the_error_map_finds_inserted_and_removed_structures(field: SimField) -> None:
     """The full reconstruction is an honest dense image: next to nothing flagged. A blob at
     3σ widefield contrast put into it, or a stretch of filament taken out, is flagged."""
@@ -260,6 +285,10 @@ def test_smlm_train_makes_a_dense_model_the_node_can_load(tmp_path: Path) -> Non
     assert loaded.card.task == "dense" and loaded.card.dense is not None
     assert loaded.card.dense.structures == ["rings"] and not loaded.card.dense.adversarial_loss
     assert "WO2019025298A1" in loaded.card.dense.notice
+    table = loaded.card.dense.output_smoothing  # calibrated on its training field
+    densities = [d for d, _ in table]
+    assert len(table) == 6 and densities == sorted(densities) and densities[0] > 0
+    assert "output blur by density" in done.stdout
     bad = dimscope("smlm", "train", "--structures", "spirals", "--out", tmp_path / "x.onnx")
     assert bad.returncode == 2 and "unknown structure 'spirals'" in bad.stderr
     assert not (tmp_path / "x.onnx").exists()

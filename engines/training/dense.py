@@ -12,6 +12,9 @@ tables exist in `../shared/data` yet; the pipeline takes them when they do.
 
 Loss L1 + (1 − SSIM), no adversarial loss. Batches are random crops of whole-field inputs
 (normalised over the whole field, as at inference) with the 8 rotations/flips.
+
+After training, `calibrate_output_smoothing` sets the card's output blur per input density
+(see `smlm.dense`) on the training fields — never on evaluation fields.
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ from dimscope.smlm.dense import (
     NORM_MEAN_FACTOR,
     PATENT_NOTICE,
     DenseGrid,
+    DensePredictor,
     first_frames,
     frames_for_fraction,
+    gaussian_baseline,
+    localization_density,
     localizations_from_truth,
     model_input,
     raw_mean_from_truth,
+    smooth_output,
     target_image,
 )
 from dimscope.smlm.simulate import (
@@ -48,7 +55,8 @@ from dimscope.smlm.simulate import (
     rings,
 )
 
-from ..model_file import DenseProvenance, ModelCard
+from ..evaluation.quality import score
+from ..model_file import DenseProvenance, ModelCard, read_card, write_card_metadata
 from ..nets import build_network, multiple_of
 from .export import export_onnx
 from .transfer import ssim_loss
@@ -57,6 +65,15 @@ log = logging.getLogger(__name__)
 
 #: emitting labels per frame in the simulated acquisitions (the issue's ~30)
 EMITTERS_PER_FRAME = 30.0
+#: input fractions the output blur is calibrated at, and the blurs tried (render pixels)
+CALIBRATION_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.10, 0.15)
+SMOOTHING_PX = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
+#: training fields per structure class the calibration uses
+CALIBRATION_FIELDS_PER_STRUCTURE = 3
+#: the Gaussian-render baseline's widths (nm), tuned per fraction on training fields
+GAUSSIAN_SIGMAS_NM = (10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 240.0)
+#: the SSIM worth one dB of PSNR when the two margins over the Gaussian render are balanced
+SSIM_PER_DB = 0.1
 
 
 @dataclass(frozen=True)
@@ -266,4 +283,71 @@ def train_dense(settings: DenseTrainSettings, out: Path, fields: list[SimField] 
             loss="l1" + ("+ssim" if settings.ssim_weight else ""), adversarial_loss=False,
             notice=PATENT_NOTICE))
     export_onnx(net, card, out)
-    return {"model": str(out), "steps": step, "loss": running}
+    table = write_output_smoothing(out, fields)
+    return {"model": str(out), "steps": step, "loss": running, "output_smoothing": table}
+
+
+def tune_gaussian_sigma(fields: list[SimField], fraction: float, grid: DenseGrid) -> float:
+    """The Gaussian render's σ (nm) with the best mean PSNR on these (training) fields, for
+    inputs of the first `fraction` of the frames: the tuned baseline."""
+    best, best_psnr = GAUSSIAN_SIGMAS_NM[0], -np.inf
+    for sigma in GAUSSIAN_SIGMAS_NM:
+        values = [score(f.target, gaussian_baseline(f.sparse(frames_for_fraction(
+            f.frames, fraction)), f.extent_nm, grid, sigma), with_ssim=False)["psnr"]
+            for f in fields]
+        if float(np.mean(values)) > best_psnr:
+            best, best_psnr = sigma, float(np.mean(values))
+    return best
+
+
+def calibration_fields(fields: list[SimField]) -> list[SimField]:
+    """At most `CALIBRATION_FIELDS_PER_STRUCTURE` fields of each structure class."""
+    kept: list[SimField] = []
+    for f in fields:
+        if sum(k.structure == f.structure for k in kept) < CALIBRATION_FIELDS_PER_STRUCTURE:
+            kept.append(f)
+    return kept
+
+
+def calibrate_output_smoothing(model: Path, fields: list[SimField]
+                               ) -> list[tuple[float, float]]:
+    """The card's (localizations per µm², blur in render pixels) table, measured on these
+    training fields: at each calibration fraction, the blur of the network's output that
+    maximises the smaller of its two mean margins over the tuned Gaussian render — PSNR in
+    dB, and SSIM in units of `SSIM_PER_DB` — so neither is bought with the other."""
+    predictor = DensePredictor(model)
+    grid = predictor.grid
+    table: list[tuple[float, float]] = []
+    try:
+        for fraction in CALIBRATION_FRACTIONS:
+            sigma_nm = tune_gaussian_sigma(fields, fraction, grid)
+            margins = np.zeros((len(SMOOTHING_PX), 2))
+            densities = []
+            for f in fields:
+                sparse = f.sparse(frames_for_fraction(f.frames, fraction))
+                densities.append(localization_density(sparse, f.extent_nm))
+                base = score(f.target, gaussian_baseline(sparse, f.extent_nm, grid, sigma_nm))
+                raw = predictor.predict_input(model_input(sparse, f.widefield, f.extent_nm,
+                                                          grid))
+                for i, blur in enumerate(SMOOTHING_PX):
+                    s = score(f.target, smooth_output(raw, blur))
+                    margins[i] += (s["psnr"] - base["psnr"], s["ssim"] - base["ssim"])
+            margins /= len(fields)
+            balanced = np.minimum(margins[:, 0], margins[:, 1] / SSIM_PER_DB)
+            best = int(np.argmax(balanced))
+            log.info("fraction %.3f: Gaussian σ %.0f nm; blur %.1f px (margins %+.2f dB, "
+                     "%+.3f SSIM)", fraction, sigma_nm, SMOOTHING_PX[best], *margins[best])
+            table.append((round(float(np.mean(densities)), 2), SMOOTHING_PX[best]))
+    finally:
+        predictor.close()
+    return sorted(table)
+
+
+def write_output_smoothing(model: Path, fields: list[SimField]) -> list[tuple[float, float]]:
+    """Calibrate (`calibrate_output_smoothing`) and store the table on the model's card."""
+    table = calibrate_output_smoothing(model, calibration_fields(fields))
+    card = read_card(model)
+    assert card.dense is not None
+    write_card_metadata(model, card.model_copy(update={
+        "dense": card.dense.model_copy(update={"output_smoothing": table})}))
+    return table
