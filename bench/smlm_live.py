@@ -7,20 +7,19 @@ widefield image being the running mean of the raw frames from a `mean` node) and
 publishers run.
 
 Reported: frames acquired / archived / localized, frames left out by the localize queue, the
-lag when acquisition stopped and the most frames it ever had waiting, and the live rate —
-frames localized per second spent inside the localizer — against the library's own batch
-call (`smappy.fit`) and the same localizer run as a batch, both on the frames the run
-archived (read back from its OME-TIFF), in the same process, each the median of
-`--batch-repeats` interleaved calls. Why live is slower here: the simulated camera renders
-in Python (~1 ms of numpy per frame, a fifth of one core at 200 frames/s), and on 2 cores
-fits split over both wait for the busier one. Measured offline with dimscope's localizer
-(3,000 frames, pushes of 8 or 50): a camera thread rendering at 200 frames/s beside it took
-it from 1,600–1,780 to 1,180–1,310 frames/s with two fit threads, and cost nothing with one
-(940–1,010 either way). The library's own call (`smappy.fit`: 200-frame chunks read ahead
-by a thread, fits of every ROI accumulated) was not slowed by the same camera thread (1,706
-frames/s beside it, 1,580 alone, medians of 5): the live localizer's smaller fits (a block
-closes every 50 frames) are what the camera's share of a core delays. Not solved here.
-The localizer's settings are the node's defaults (edge padding, no edge EM refit).
+lag when acquisition stopped, the most frames its queue ever held (frames being gathered into
+a stack of `push_frames` are not in it), and the live rate — frames localized per second
+spent inside the localizer — against the library's own batch call (`smappy.fit`) and the
+same localizer run as a batch, both on the frames the run archived (read back from its
+OME-TIFF), in the same process, each the median of `--batch-repeats` interleaved calls.
+What the live rate loses is the CPU the rest of the run takes on 2 cores: the simulated
+camera (~0.3 ms of numpy per frame, ~10 % of a core at 200 frames/s with the pymmcore-plus
+sequence around it), the acquisition loop (~5 %), the archive (~3 %), the raw publisher, the
+render, mean and dense nodes (the dense child at idle priority). Measured offline, with
+frames paced at 200 frames/s and nothing else running, the localizer in stacks of 100 frames
+matches its batch rate (1,830 against 1,770–1,810 frames/s); a process beside it drawing
+a quarter of a core took 15–20 % off, whatever its nice level. The localizer's settings
+are the node's defaults (edge padding, no edge EM refit, blocks of 100 frames).
 
     .venv/bin/python bench/smlm_live.py [--seconds 60] [--fps 200] [--batch-frames 3000]
     # writes results/smlm_live.{json,md}
@@ -42,7 +41,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smlm as offline  # bench/smlm.py: the simulator settings and the library batch call
-from dimscope.daemon.config import parse_config
+from dimscope.daemon.config import LocalizeNodeConfig, parse_config
 from dimscope.daemon.pipeline import Pipeline
 from dimscope.smlm.localize import LocalizerSettings, SmappyLocalizer
 
@@ -74,7 +73,7 @@ def config(runs: Path, fps: float) -> Any:
                    "read_noise_e": cam.read_noise_e, "seed": 11},
         "engine": {"name": "identity"}, "trust": {"enabled": False},
         "archive": {"out_dir": str(runs)},
-        "publish": {"address": "tcp://127.0.0.1:*"},
+        "publish": {"address": "tcp://127.0.0.1:*", "enhanced": False},
         "control": {"address": "tcp://127.0.0.1:*"},
         "stages": stages}, origin="bench/smlm_live.py")
 
@@ -99,10 +98,12 @@ def main() -> int:
         archived = sorted(Path(summary["run_dir"]).glob("raw_*.ome.tif"))[0]
         stack = tifffile.imread(archived, key=range(args.batch_frames))
         live_rate = loc["frames_localized"] / max(loc["localize_seconds"], 1e-9)
+        node = LocalizeNodeConfig(name="localize")  # the node's defaults
         settings = LocalizerSettings(
             pixel_nm=offline.CAM.pixel_nm, gain_adu_per_e=offline.CAM.gain_adu_per_e,
             offset_adu=offline.CAM.offset_adu, read_noise_e=offline.CAM.read_noise_e,
-            edge_em_iterations=0, flush_frames=50, multi_emitter=None)  # the node's defaults
+            edge_em_iterations=node.edge_em_iterations, flush_frames=node.block_frames,
+            multi_emitter=None)
         # Repeated and interleaved, the median kept: on a shared 2-core machine one batch
         # rate varies by ±10% from call to call.
         same_runs, library_runs = [], []

@@ -368,11 +368,13 @@ class LocalizeNodeConfig(_NodeConfig):
     queue_mb: int = Field(
         1024, ge=16, description="the queue's frames at most hold this much memory (a large "
         "camera gets fewer than queue_frames)")
-    block_frames: int = Field(50, ge=1, description="close and publish a block of "
+    block_frames: int = Field(100, ge=1, description="close and publish a block of "
                               "localizations at least every N frames")
-    push_frames: int = Field(8, ge=1, le=64, description="frames handed to the localizer per "
-                             "call (frames wait for the stack to fill: fewer calls, the "
-                             "library's batch rate)")
+    push_frames: int = Field(100, ge=1, le=1000, description="frames handed to the "
+                             "localizer per call: frames wait for the stack to fill (or "
+                             "push_wait_s), so the library fits in batches as it does offline")
+    push_wait_s: float = Field(0.5, gt=0, description="hand frames over once the oldest has "
+                               "waited this long, however few (a slow camera)")
     edge_em_iterations: int = Field(
         0, ge=0, description="EM refits of fits at the frame edge (accuracy at the edge for "
         "about a fifth of the rate; see README: Localization microscopy)")

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,8 +339,13 @@ class SMLMSimulator:
     """Frames of blinking labels on a `Structure`, one at a time, with their truth."""
 
     def __init__(self, structure: Structure, settings: SimSettings | None = None,
-                 seed: int = 0, scmos: ScmosMaps | None = None) -> None:
+                 seed: int = 0, scmos: ScmosMaps | None = None,
+                 expose: Callable[[F64], U16] | None = None) -> None:
+        """`expose`: the camera, expected photo-electrons per pixel → a frame in ADU; by
+        default numpy's exact Poisson and Gaussian samplers with `settings.camera` (or
+        `scmos`). A live source passes a faster one (`drivers.camera_noise.CameraNoise`)."""
         self.settings = s = settings or SimSettings()
+        self._expose = expose
         if scmos is not None and scmos.offset.shape != s.shape:
             raise ValueError(f"sCMOS maps {scmos.offset.shape} != frame shape {s.shape}")
         self.structure = structure
@@ -425,6 +430,8 @@ class SMLMSimulator:
 
     def _camera(self, expected_e: F64) -> U16:
         cam = self.settings.camera
+        if self._expose is not None:
+            return self._expose(expected_e)
         electrons = self.rng.poisson(expected_e).astype(np.float64)
         noise = self.rng.standard_normal(expected_e.shape)
         if self.scmos is None:
