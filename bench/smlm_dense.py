@@ -56,6 +56,7 @@ from dimscope.smlm.dense import (
     gaussian_baseline,
     localization_density,
     model_input,
+    smooth_output,
 )
 from dimscope.smlm.render import histogram_xy
 
@@ -98,7 +99,7 @@ def evaluate(model: DensePredictor, fields: list[SimField], sigmas: dict[float, 
             inputs = model_input(sparse, f.widefield, f.extent_nm, model.grid)
             density = localization_density(sparse, f.extent_nm)
             network = model.predict_input(inputs)
-            dense = model.predict_input(inputs, density)
+            dense = smooth_output(network, model.smoothing_px(density))
             row: dict[str, Any] = {"structure": f.structure, "fraction": fraction,
                                    "frames": n, "localizations": len(sparse),
                                    "sigma_nm": sigmas[fraction],
@@ -112,8 +113,8 @@ def evaluate(model: DensePredictor, fields: list[SimField], sigmas: dict[float, 
 
 
 def train_fold(name: str, specs: list[str], steps: int, per_structure: int,
-               seed: int, cache: Path = CACHE, base: str = "sparse"
-               ) -> tuple[Path, list[SimField]]:
+               seed: int, cache: Path = CACHE, base: str = "sparse",
+               recalibrate: bool = False) -> tuple[Path, list[SimField]]:
     cache.mkdir(parents=True, exist_ok=True)
     tag = "" if base == "sparse" else f"_{base}"
     out = cache / f"dense_{name}_s{steps}_f{per_structure}{tag}.onnx"
@@ -126,7 +127,8 @@ def train_fold(name: str, specs: list[str], steps: int, per_structure: int,
         train_dense(settings, out, fields, resume=True)  # a finished checkpoint: export
         print(f"fold {name}: trained in {time.monotonic() - t:.0f} s", file=sys.stderr)
     card = read_card(out)
-    if card.dense is not None and not card.dense.output_smoothing:  # trained before it existed
+    stale = card.dense is not None and (not card.dense.output_smoothing or recalibrate)
+    if stale:  # trained before the calibration existed, or asked
         print(f"fold {name}: output blur {write_output_smoothing(out, fields)}",
               file=sys.stderr)
     return out, fields
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the shipped model on every class (engines/models/dense)")
     p.add_argument("--ship-only", action="store_true",
                    help="train the shipped model only, its card's table from results/")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="calibrate the cached fold models' output blur again")
     p.add_argument("--calibrate-shipped", action="store_true",
                    help="only store the output blur on the shipped model, calibrated on "
                         "its training fields (a model trained before the calibration)")
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model_path, train_fields = train_fold(name, train_specs, args.steps,
                                               args.train_fields, seed=10 + i, cache=args.cache,
-                                              base=args.base)
+                                              base=args.base, recalibrate=args.recalibrate)
         sigmas = {fr: tune_gaussian_sigma(train_fields, fr, GRID) for fr in FRACTIONS}
         eval_fields = simulate_fields(eval_specs, args.eval_fields, 10_000, GRID, seed=500 + i)
         model = DensePredictor(model_path)

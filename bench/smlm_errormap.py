@@ -178,6 +178,10 @@ def main() -> int:
     for i, (name, (_, eval_specs)) in enumerate(folds().items()):
         model_path = CACHE / f"dense_{name}_s{args.steps}_f{args.train_fields}{tag}.onnx"
         model = DensePredictor(model_path)
+        assert model.card.dense is not None
+        if not model.card.dense.output_smoothing:
+            raise SystemExit(f"{model_path.name} has no output blur: run bench/smlm_dense.py "
+                             "first (it calibrates the fold models)")
         fields = simulate_fields(eval_specs, 1, 10_000, GRID, seed=900 + i)
         for f in fields:
             t = tests_on(f, model, rng, 10)

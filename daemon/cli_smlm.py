@@ -276,7 +276,7 @@ def cmd_smlm_dense(args: argparse.Namespace) -> int:
     from dimscope.daemon.dense_stage import read_widefield
     from dimscope.engines import EngineError
     from dimscope.smlm import errormap
-    from dimscope.smlm.dense import DensePredictor, first_frames
+    from dimscope.smlm.dense import DensePredictor, first_frames, localization_density
     from dimscope.smlm.frc import frc
 
     predictor = None
@@ -302,6 +302,7 @@ def cmd_smlm_dense(args: argparse.Namespace) -> int:
         predictor = DensePredictor(args.model, runtime=args.runtime,
                                    allow_unverified=args.allow_unverified_model)
         dense = predictor.predict(locs, wf, extent)
+        blur = predictor.smoothing_px(localization_density(locs, extent))
         settings = errormap.ErrorMapSettings(gain_adu_per_e=args.gain, offset_adu=args.offset,
                                              read_noise_e=args.read_noise,
                                              flag_sigma=args.flag_sigma)
@@ -313,7 +314,8 @@ def cmd_smlm_dense(args: argparse.Namespace) -> int:
         px = predictor.grid.render_pixel_nm
         tifffile.imwrite(str(args.out), dense, resolution=(1e7 / px, 1e7 / px),
                          resolutionunit="CENTIMETER",
-                         metadata={"model": predictor.label, "localizations": len(locs)})
+                         metadata={"model": predictor.label, "localizations": len(locs),
+                                   "output_blur_px": blur})
         if args.error_map is not None:
             tifffile.imwrite(str(args.error_map), emap.error_sigma)
         label = predictor.label
@@ -323,11 +325,13 @@ def cmd_smlm_dense(args: argparse.Namespace) -> int:
         if predictor is not None:
             predictor.close()
     report = {"model": label, "localizations": len(locs), "frames": frames,
-              "out": str(args.out), "frc_plain_render_nm": resolution, **emap.summary(),
+              "out": str(args.out), "output_blur_px": blur,
+              "frc_plain_render_nm": resolution, **emap.summary(),
               "limit": errormap.LIMIT_NOTE}
     print(json.dumps(report) if args.json else
-          f"dense image of {len(locs)} localizations ({frames} frames) by {label} "
-          f"→ {args.out}; error map flags {emap.flagged_fraction:.2%} of the field (fitted "
+          f"dense image of {len(locs)} localizations ({frames} frames) by {label}, "
+          f"blurred {blur:g} render pixels → {args.out}; error map flags "
+          f"{emap.flagged_fraction:.2%} of the field (fitted "
           f"widefield PSF σ {emap.psf_sigma_nm:.0f} nm); FRC of the plain render "
           f"{resolution:.1f} nm")
     return EXIT_OK

@@ -243,6 +243,7 @@ class DenseStage(Stage):
         meta.update(model=self.predictor.label, model_sha256=card.weights_sha256 or "",
                     widefield=origin, render_pixel_nm=f"{self.grid.render_pixel_nm:g}",
                     flagged=f"{step.flagged_fraction:.5f}",
+                    output_blur_px=f"{step.output_blur_px:g}",
                     ready="true" if self.ready is not None or step.ready else "false")
         self.emit(frame.replace(pixels=freeze(dense), kind="dense", source_ids=(),
                                 pixel_size_um=self.grid.render_pixel_nm / 1000.0,

@@ -11,8 +11,9 @@ localizations of a frame range, `[localize] block_frames` frames at most — is
   self-contained Arrow IPC stream (`smlm.table.block_from_ipc` reads it; docs/wire-format.md).
 
 The localizer needs frames in order without gaps. Frames are pushed in stacks of
-`push_frames` (100, or fewer once the oldest has waited `push_wait_s`, 0.5 s; more when more
-are queued): the library then fits in batches as it does offline. Measured on 2 cores with
+`push_frames` (100; fewer to end on a block boundary, and fewer once the oldest has waited
+`push_wait_s`, 0.5 s — checked as frames arrive and, while none do, every quarter of it):
+the library then fits in batches as it does offline. Measured on 2 cores with
 frames paced at 200 frames/s and nothing else running: 1,470 frames/s in stacks of 8, 1,620
 in stacks of 64, 1,830 in stacks of 100 — the batch rate (1,770–1,810) — because each call
 wakes idle cores and cold caches, and a block closes only every `block_frames` frames anyway.
@@ -56,8 +57,6 @@ log = logging.getLogger(__name__)
 
 #: at most this many ids of frames not localized are kept for the summary (all are counted)
 _MAX_LISTED = 10_000
-#: at most this many queued frames are pushed to the localizer in one call
-_BATCH = 64
 #: RCC drift segments at most (every pair is cross-correlated at each render)
 _MAX_SEGMENTS = 16
 #: drift estimates applied, one JSON object per line, in the run folder
@@ -96,6 +95,7 @@ class LocalizeStage(Stage):
         self._last: Frame | None = None
         self._pending: list[Frame] = []  # taken from the queue, not yet pushed
         self._oldest_pending = 0.0  # when the first of them was taken
+        self.wait_poll_s = min(0.5, node.push_wait_s / 4)
         self._lock = threading.Lock()
         #: rows written, frames localized, frames the queue dropped (ids: `not_localized_ids`)
         self.localizations = 0
@@ -124,14 +124,33 @@ class LocalizeStage(Stage):
         self._schema = self._writer.schema
 
     def process(self, frame: Frame) -> None:
-        # Frames go to the localizer in stacks of `push_frames` (with what else is queued),
-        # or fewer once the oldest has waited `push_wait_s` (module docstring).
+        # Frames go to the localizer in stacks (module docstring): this one with what else is
+        # queued, up to the stack's size.
         if not self._pending:
             self._oldest_pending = time.monotonic()
-        self._pending += [frame, *self.take_queued(max(_BATCH, self.node.push_frames) - 1)]
-        if (len(self._pending) >= self.node.push_frames
-                or time.monotonic() - self._oldest_pending >= self.node.push_wait_s):
+        self._pending.append(frame)
+        target = self._stack_size()
+        self._pending += self.take_queued(target - len(self._pending))
+        if len(self._pending) >= target:
             self._push_pending()
+        else:
+            self._push_if_waited()
+
+    def waiting(self) -> None:
+        self._push_if_waited()
+
+    def _push_if_waited(self) -> None:
+        if self._pending and (time.monotonic() - self._oldest_pending
+                              >= self.node.push_wait_s):
+            self._push_pending()
+
+    def _stack_size(self) -> int:
+        """`push_frames`, fewer to end on the open block's boundary (so the library gets
+        whole stacks, never a stack split by a block's end); never more than the queue
+        holds (frames held here cost their pixels too)."""
+        left = self.node.block_frames - self._localizer.open_block_frames
+        return max(1, min(self.node.push_frames, self.capacity,
+                          left if left > 0 else self.node.block_frames))
 
     def _push_pending(self) -> None:
         frames, self._pending = self._pending, []

@@ -47,6 +47,8 @@ class Stage:
     #: the worker thread's niceness increment (Linux): > 0 for heavy analysis that must
     #: yield the cores to acquisition, archiving and localization when they compete
     nice: int = 0
+    #: how often `waiting` runs while the queue stays empty
+    wait_poll_s: float = 0.5
 
     def __init__(self, name: str, capacity: int, policy: OverflowPolicy) -> None:
         if capacity < 1:
@@ -195,12 +197,17 @@ class Stage:
             caught_up = not self._closing and not self._abandoned
         if caught_up:
             self.idle()
-        with self._cond:
-            while not self._queue or self._abandoned:
+        while True:
+            with self._cond:
+                if not self._queue or self._abandoned:
+                    if self._closing or self._abandoned:
+                        return None
+                    self._cond.wait(self.wait_poll_s)
+                if self._queue and not self._abandoned:
+                    return self._pop()
                 if self._closing or self._abandoned:
                     return None
-                self._cond.wait(0.5)
-            return self._pop()
+            self.waiting()
 
     def _pop(self) -> Frame:
         frame = self._queue.popleft()
@@ -247,6 +254,10 @@ class Stage:
 
     def idle(self) -> None:
         """The queue ran empty (worker thread): finish buffered work, e.g. index lines."""
+
+    def waiting(self) -> None:
+        """The queue stayed empty for another `wait_poll_s` (worker thread): work that is
+        due by the clock, not by a frame (e.g. frames held for a stack)."""
 
     def teardown(self) -> None:
         """Release resources after the worker has drained."""

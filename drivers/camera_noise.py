@@ -27,6 +27,11 @@ class PoissonSampler:
         self._table = np.zeros(0, dtype=np.uint16)
         self._ensure(max_mean)
 
+    def reserve(self, max_mean: float) -> None:
+        """Build the table for means up to `max_mean` now (seconds for thousands of
+        photons), not when the first such frame is drawn."""
+        self._ensure(max_mean)
+
     def _ensure(self, max_mean: float) -> None:
         if max_mean <= self._max_mean:
             return

@@ -163,6 +163,10 @@ class SMLMSimSource:
         # quarter of a core at 200 frames/s that a real camera does not take from the
         # localizer beside it.
         noise = CameraNoise(cfg.seed + 2)
+        # the brightest pixel: a whole emitter's photons in its PSF's peak pixel
+        sigma_px = settings.psf_sigma_nm / cfg.pixel_nm
+        noise.poisson.reserve(settings.photons_range[1] / (2 * np.pi * sigma_px ** 2)
+                              + settings.background_photons)
 
         def expose(electrons: np.ndarray) -> np.ndarray:
             return noise.expose(electrons.astype(np.float32), read_noise_e=cfg.read_noise_e,

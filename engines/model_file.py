@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .base import EngineError
 from .normalize import PercentileNorm, VSTNorm, from_dict
@@ -87,6 +87,17 @@ class DenseProvenance(BaseModel):
     #: (localizations per µm², Gaussian σ in render pixels) by density: the smoothing of the
     #: output calibrated on the training fields (`smlm.dense.output_smoothing_px`); empty: none
     output_smoothing: list[tuple[float, float]] = Field(default_factory=list)
+
+    @field_validator("output_smoothing")
+    @classmethod
+    def _increasing_density(cls, rows: list[tuple[float, float]]
+                            ) -> list[tuple[float, float]]:
+        densities = [d for d, _ in rows]
+        if any(d <= 0 for d in densities) or densities != sorted(set(densities)):
+            raise ValueError("output_smoothing: densities must be > 0 and increasing")
+        if any(blur < 0 for _, blur in rows):
+            raise ValueError("output_smoothing: blurs must be >= 0")
+        return rows
 
 
 class ModelCard(BaseModel):

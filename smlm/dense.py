@@ -271,10 +271,13 @@ def localization_density(locs: LocBlock, extent_nm: tuple[float, float]) -> floa
 
 def output_smoothing_px(table: list[tuple[float, float]], density_per_um2: float) -> float:
     """The output blur (render pixels) for an input of this density: the card's table
-    interpolated in log density, held constant beyond its ends; 0 without a table."""
-    if not table or density_per_um2 <= 0:
+    (densities increasing) interpolated in log density, held constant beyond its ends (an
+    empty input gets the sparsest row's); 0 without a table."""
+    if not table:
         return 0.0
-    d = np.log([max(row[0], 1e-9) for row in table])
+    if density_per_um2 <= table[0][0]:
+        return float(table[0][1])
+    d = np.log([row[0] for row in table])
     return float(np.interp(math.log(density_per_um2), d, [row[1] for row in table]))
 
 

@@ -68,6 +68,8 @@ class DenseResult:
     #: the ready rule's verdict at this step (`ReadyCheck.as_dict()`), and whether it holds
     check: dict[str, Any]
     ready: bool
+    #: the Gaussian blur (render pixels) the card's table gave the output at this density
+    output_blur_px: float = 0.0
 
 
 class DenseStep:
@@ -94,8 +96,10 @@ class DenseStep:
     def run(self, locs: LocBlock, widefield: F32, frames: int, frames_averaged: int,
             camera_pixel_nm: float) -> DenseResult:
         from . import errormap
+        from .dense import localization_density
 
         dense = self.predictor.predict(locs, widefield, self.extent_nm)
+        blur = self.predictor.smoothing_px(localization_density(locs, self.extent_nm))
         emap = errormap.compute(dense, widefield, self.grid.render_pixel_nm, camera_pixel_nm,
                                 self.settings.error_map, frames_averaged=frames_averaged)
         check = self.rule.check(frames, locs, dense, self.grid.render_pixel_nm,
@@ -103,7 +107,7 @@ class DenseStep:
         return DenseResult(dense=dense, error_sigma=emap.error_sigma,
                            flagged_fraction=emap.flagged_fraction,
                            error_summary=emap.summary(), check=check.as_dict(),
-                           ready=check.ready)
+                           ready=check.ready, output_blur_px=blur)
 
     def close(self) -> None:
         self.predictor.close()

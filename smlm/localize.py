@@ -239,6 +239,11 @@ class SmappyLocalizer:
         return self._next
 
     @property
+    def open_block_frames(self) -> int:
+        """Frames pushed into the block not yet closed (a block closes at `flush_frames`)."""
+        return self._next - self._start
+
+    @property
     def stats(self) -> dict[str, Any]:
         """smappy's counters (frames, candidates, rois, localizations, seconds)."""
         return dict(self._engine.stats)

@@ -345,6 +345,8 @@ class SMLMSimulator:
         default numpy's exact Poisson and Gaussian samplers with `settings.camera` (or
         `scmos`). A live source passes a faster one (`drivers.camera_noise.CameraNoise`)."""
         self.settings = s = settings or SimSettings()
+        if expose is not None and scmos is not None:
+            raise ValueError("give the camera as `expose` or as sCMOS maps, not both")
         self._expose = expose
         if scmos is not None and scmos.offset.shape != s.shape:
             raise ValueError(f"sCMOS maps {scmos.offset.shape} != frame shape {s.shape}")

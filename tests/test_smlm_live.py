@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from dimscope.daemon.config import ConfigError
+from dimscope.daemon.config import ConfigError, LocalizeNodeConfig
 
 from .conftest import make_config, run_and_record
 from .procs import CLI, free_tcp_address
@@ -106,7 +106,8 @@ def test_every_frame_is_localized_live_as_in_batch(
     cam = sim.settings.camera
     batch = SmappyLocalizer(LocalizerSettings(
         pixel_nm=cam.pixel_nm, gain_adu_per_e=cam.gain_adu_per_e, offset_adu=cam.offset_adu,
-        read_noise_e=cam.read_noise_e, edge_em_iterations=0, flush_frames=50)
+        read_noise_e=cam.read_noise_e, edge_em_iterations=0,
+        flush_frames=LocalizeNodeConfig(name="localize").block_frames)
     ).localize(tifffile.imread(path))
     same = match(batch.frame, batch.x_nm, batch.y_nm, table.frame, table.x_nm, table.y_nm,
                  1.0)
@@ -132,6 +133,52 @@ def test_every_frame_is_localized_live_as_in_batch(
     assert last.shape == (48 * 100 // 20, 48 * 100 // 20)
     assert last_header["pixel_size_um"] == pytest.approx(0.02)
     assert float(last.sum()) == pytest.approx(len(table), rel=0.01)
+
+
+def test_frames_reach_the_localizer_in_whole_stacks_and_never_wait_for_the_next_frame(
+        tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
+    from dimscope.daemon.frame import Frame, freeze
+    from dimscope.daemon.localize_stage import LocalizeStage
+    from dimscope.engines import CameraCalibration
+
+    path, sim, _ = recording
+    frames = tifffile.imread(path)
+    cam = sim.settings.camera
+    stage = LocalizeStage(LocalizeNodeConfig(name="localize", push_wait_s=1.0), tmp_path,
+                          cam.pixel_nm / 1000.0, CameraCalibration(
+                              cam.gain_adu_per_e, cam.offset_adu, cam.read_noise_e))
+    pushed: list[tuple[int, int]] = []
+    real_push = stage._localizer.push
+
+    def push(pixels: np.ndarray, first_frame: int | None = None) -> list[object]:
+        pushed.append((int(first_frame or 0), len(pixels)))
+        return list(real_push(pixels, first_frame=first_frame))
+
+    stage._localizer.push = push
+    blocks: list[object] = []
+    stage.connect(blocks.append)
+    stage.start()
+    try:
+        for i in range(130):  # 1.3 stacks, then the camera pauses
+            stage.offer(Frame(i, freeze(frames[i]), time.time_ns(), 10.0, 0.1, "test"))
+        deadline = time.monotonic() + 5.0
+        while stage.snapshot()["frames_localized"] < 130 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The 30 frames of the unfinished stack went on after push_wait_s, with no new frame
+        # and no stop.
+        assert stage.snapshot()["frames_localized"] == 130
+        assert stage.snapshot()["lag_frames"] == 0
+        for i in range(130, FRAMES):  # a burst: the queue holds more than a stack
+            stage.offer(Frame(i, freeze(frames[i]), time.time_ns(), 10.0, 0.1, "test"))
+    finally:
+        stage.stop()
+    assert sum(n for _, n in pushed) == FRAMES
+    assert [first for first, _ in pushed] == list(np.cumsum([0] + [n for _, n in pushed])[:-1])
+    # No stack is larger than push_frames or crosses a block's end (100 frames)...
+    assert all(n <= 100 and first % 100 + n <= 100 for first, n in pushed)
+    # ...so after the short one, the stacks are whole again: 100, 30, 70, 100, 100.
+    assert pushed == [(0, 100), (100, 30), (130, 70), (200, 100), (300, 100)]
+    assert [b.metadata["frame_start"] for b in blocks] == ["0", "100", "200", "300"]
 
 
 def test_a_localize_queue_overflow_leaves_a_named_gap_and_archives_everything(
@@ -188,7 +235,7 @@ def test_a_badly_declared_smlm_graph_is_a_config_error(tmp_path: Path,
 def test_renders_more_often_than_blocks_are_never_repeated(
         tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
     path, sim, _ = recording
-    nodes = stages(every=20)  # blocks of 50 frames: a render per block, none twice
+    nodes = stages(every=20)  # blocks of 100 frames: a render per block, none twice
     cfg = make_config(tmp_path, source=source(path, sim, 800.0), stages=nodes,
                       engine={"name": "identity"}, trust={"enabled": False},
                       camera=camera(sim))

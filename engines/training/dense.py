@@ -65,9 +65,10 @@ log = logging.getLogger(__name__)
 
 #: emitting labels per frame in the simulated acquisitions (the issue's ~30)
 EMITTERS_PER_FRAME = 30.0
-#: input fractions the output blur is calibrated at, and the blurs tried (render pixels)
+#: input fractions the output blur is calibrated at, and the blurs tried (render pixels:
+#: at most 120 nm, below the PSF, so the error map can still fit the optics to the output)
 CALIBRATION_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.10, 0.15)
-SMOOTHING_PX = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
+SMOOTHING_PX = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 #: training fields per structure class the calibration uses
 CALIBRATION_FIELDS_PER_STRUCTURE = 3
 #: the Gaussian-render baseline's widths (nm), tuned per fraction on training fields
