@@ -96,6 +96,10 @@ def main() -> int:
         summary = pipeline.stop().to_dict()
         loc = summary["stages"]["localize"]
         archived = sorted(Path(summary["run_dir"]).glob("raw_*.ome.tif"))[0]
+        # the camera's rate: first to last acquired frame (the run's seconds include its start)
+        stamps = [json.loads(line)["acquired_unix_ns"] for line in
+                  (Path(summary["run_dir"]) / "index.jsonl").read_text().splitlines()]
+        acquired_fps = (len(stamps) - 1) / max((stamps[-1] - stamps[0]) / 1e9, 1e-9)
         stack = tifffile.imread(archived, key=range(args.batch_frames))
         live_rate = loc["frames_localized"] / max(loc["localize_seconds"], 1e-9)
         node = LocalizeNodeConfig(name="localize")  # the node's defaults
@@ -119,6 +123,7 @@ def main() -> int:
         f"{len(__import__('os').sched_getaffinity(0))} CPU cores",
         "seconds": args.seconds, "fps": args.fps, "shape": list(stack.shape[1:]),
         "acquired": summary["acquired"], "archived": summary["archived"],
+        "acquired_fps_first_to_last_frame": round(acquired_fps, 1),
         "frames_localized": loc["frames_localized"], "not_localized": loc["not_localized"],
         "localizations": loc["localizations"],
         "lag_frames_when_acquisition_stopped": before["lag_frames"],

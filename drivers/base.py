@@ -49,12 +49,18 @@ class FrameSource(Protocol):
     def close(self) -> None: ...
 
 
+#: how far behind its clock a Python camera may fall and still catch up (seconds)
+MAX_CATCH_UP_S = 1.0
+
+
 def paced(n: int | None, exposure_ms: Callable[[], float],
           frame: Callable[[], Mapping[str, Any] | None]) -> Iterator[Mapping[str, Any]]:
     """A Python camera's sequence: `frame()` (fill the next buffer, return its tags; None
-    once the source has run out) `n` times (None: until stopped), never faster than one
-    exposure per frame, as a real camera; a camera slower than its exposure gets no
-    catch-up burst afterwards."""
+    once the source has run out) `n` times (None: until stopped), on the camera's own clock
+    of one exposure per frame, as a hardware-timed sequence: a frame late by a moment (the
+    host was busy) is followed at once by the next, as a real camera's buffered frames
+    would be; a camera more than `MAX_CATCH_UP_S` behind (slower than its exposure) starts
+    its clock again, with no burst."""
     remaining = n if n is not None else -1
     next_due = time.perf_counter()
     while remaining != 0:
@@ -65,7 +71,7 @@ def paced(n: int | None, exposure_ms: Callable[[], float],
         delay = next_due - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        else:
+        elif delay < -MAX_CATCH_UP_S:
             next_due = time.perf_counter()
         yield tags
         remaining -= 1

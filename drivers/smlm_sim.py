@@ -165,7 +165,8 @@ class SMLMSimSource:
         noise = CameraNoise(cfg.seed + 2)
         # the brightest pixel: a whole emitter's photons in its PSF's peak pixel
         sigma_px = settings.psf_sigma_nm / cfg.pixel_nm
-        noise.poisson.reserve(settings.photons_range[1] / (2 * np.pi * sigma_px ** 2)
+        # (twice that: two emitters on one pixel; a table rebuilt mid-run stalls the camera)
+        noise.poisson.reserve(2 * settings.photons_range[1] / (2 * np.pi * sigma_px ** 2)
                               + settings.background_photons)
 
         def expose(electrons: np.ndarray) -> np.ndarray:
