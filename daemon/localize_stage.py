@@ -158,7 +158,11 @@ class LocalizeStage(Stage):
         start = 0
         for i in range(1, len(frames) + 1):
             if i == len(frames) or frames[i].frame_id != frames[i - 1].frame_id + 1:
-                self._push(frames[start:i])
+                try:
+                    self._push(frames[start:i])
+                except BaseException:
+                    self._pending = frames[start:]  # not localized: teardown counts them
+                    raise
                 start = i
 
     def _push(self, run: list[Frame]) -> None:
@@ -215,6 +219,10 @@ class LocalizeStage(Stage):
     def teardown(self) -> None:
         # Dropped after the last frame localized, and abandoned by a drain that timed out.
         self._record_skipped(self.take_skipped() + list(self.abandoned_ids))
+        if self.error is not None and self._pending:  # held for a stack when the stage failed
+            self.counters.dropped += len(self._pending)  # as the queue's frames (Stage._fail)
+            self._record_skipped([f.frame_id for f in self._pending])
+            self._pending = []
         try:
             if self.error is None and self._pending:
                 self._push_pending()

@@ -222,9 +222,12 @@ class Stage:
                                os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
             except (AttributeError, OSError) as exc:
                 log.warning("stage %s: cannot lower its priority: %s", self.name, exc)
-        while (frame := self._next()) is not None:
-            t0 = time.monotonic_ns()
-            try:
+        while True:
+            try:  # `_next` runs the idle/waiting hooks: their failure is the stage's too
+                frame = self._next()
+                if frame is None:
+                    return
+                t0 = time.monotonic_ns()
                 self.process(frame)
             except BaseException as exc:
                 self.counters.errors += 1

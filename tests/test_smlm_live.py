@@ -181,6 +181,40 @@ def test_frames_reach_the_localizer_in_whole_stacks_and_never_wait_for_the_next_
     assert [b.metadata["frame_start"] for b in blocks] == ["0", "100", "200", "300"]
 
 
+def test_a_localizer_failing_on_a_held_stack_fails_the_node_and_counts_the_frames(
+        tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
+    from dimscope.daemon.frame import Frame, freeze
+    from dimscope.daemon.localize_stage import LocalizeStage
+    from dimscope.engines import CameraCalibration
+
+    path, sim, _ = recording
+    frames = tifffile.imread(path)
+    cam = sim.settings.camera
+    stage = LocalizeStage(LocalizeNodeConfig(name="localize", push_wait_s=0.3), tmp_path,
+                          cam.pixel_nm / 1000.0, CameraCalibration(
+                              cam.gain_adu_per_e, cam.offset_adu, cam.read_noise_e))
+    real_push = stage._localizer.push
+
+    def push(pixels: np.ndarray, first_frame: int | None = None) -> list[object]:
+        if first_frame:  # the second stack: pushed by the clock, no frame in hand
+            raise OSError("simulated failure")
+        return list(real_push(pixels, first_frame=first_frame))
+
+    stage._localizer.push = push
+    stage.connect(lambda frame: None)
+    stage.start()
+    for i in range(130):
+        stage.offer(Frame(i, freeze(frames[i]), time.time_ns(), 10.0, 0.1, "test"))
+    deadline = time.monotonic() + 5.0
+    while stage.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage.stop()
+    snap = stage.snapshot()
+    assert isinstance(stage.error, OSError)  # the failure in `waiting` failed the node
+    assert snap["frames_localized"] == 100
+    assert snap["not_localized"] == 30 and snap["not_localized_ids"] == list(range(100, 130))
+
+
 def test_a_localize_queue_overflow_leaves_a_named_gap_and_archives_everything(
         tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
     """A queue of 16 frames at 8,000 frames/s: localization falls behind; the frames it
