@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,18 +136,28 @@ def test_every_frame_is_localized_live_as_in_batch(
     assert float(last.sum()) == pytest.approx(len(table), rel=0.01)
 
 
-def test_frames_reach_the_localizer_in_whole_stacks_and_never_wait_for_the_next_frame(
-        tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
-    from dimscope.daemon.frame import Frame, freeze
+def localize_stage(tmp_path: Path, sim: SMLMSimulator, push_wait_s: float) -> Any:
+    """A `localize` node on its own (no pipeline), for the simulator's camera."""
     from dimscope.daemon.localize_stage import LocalizeStage
     from dimscope.engines import CameraCalibration
 
+    cam = sim.settings.camera
+    return LocalizeStage(LocalizeNodeConfig(name="localize", push_wait_s=push_wait_s),
+                         tmp_path, cam.pixel_nm / 1000.0, CameraCalibration(
+                             cam.gain_adu_per_e, cam.offset_adu, cam.read_noise_e))
+
+
+def raw_frame(frames: np.ndarray, i: int) -> Any:
+    from dimscope.daemon.frame import Frame, freeze
+
+    return Frame(i, freeze(frames[i]), time.time_ns(), 10.0, 0.1, "test")
+
+
+def test_frames_reach_the_localizer_in_whole_stacks_and_never_wait_for_the_next_frame(
+        tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
     path, sim, _ = recording
     frames = tifffile.imread(path)
-    cam = sim.settings.camera
-    stage = LocalizeStage(LocalizeNodeConfig(name="localize", push_wait_s=1.0), tmp_path,
-                          cam.pixel_nm / 1000.0, CameraCalibration(
-                              cam.gain_adu_per_e, cam.offset_adu, cam.read_noise_e))
+    stage = localize_stage(tmp_path, sim, push_wait_s=1.0)
     pushed: list[tuple[int, int]] = []
     real_push = stage._localizer.push
 
@@ -160,7 +171,7 @@ def test_frames_reach_the_localizer_in_whole_stacks_and_never_wait_for_the_next_
     stage.start()
     try:
         for i in range(130):  # 1.3 stacks, then the camera pauses
-            stage.offer(Frame(i, freeze(frames[i]), time.time_ns(), 10.0, 0.1, "test"))
+            stage.offer(raw_frame(frames, i))
         deadline = time.monotonic() + 5.0
         while stage.snapshot()["frames_localized"] < 130 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -169,7 +180,7 @@ def test_frames_reach_the_localizer_in_whole_stacks_and_never_wait_for_the_next_
         assert stage.snapshot()["frames_localized"] == 130
         assert stage.snapshot()["lag_frames"] == 0
         for i in range(130, FRAMES):  # a burst: the queue holds more than a stack
-            stage.offer(Frame(i, freeze(frames[i]), time.time_ns(), 10.0, 0.1, "test"))
+            stage.offer(raw_frame(frames, i))
     finally:
         stage.stop()
     assert sum(n for _, n in pushed) == FRAMES
@@ -183,16 +194,9 @@ def test_frames_reach_the_localizer_in_whole_stacks_and_never_wait_for_the_next_
 
 def test_a_localizer_failing_on_a_held_stack_fails_the_node_and_counts_the_frames(
         tmp_path: Path, recording: tuple[Path, SMLMSimulator, GroundTruth]) -> None:
-    from dimscope.daemon.frame import Frame, freeze
-    from dimscope.daemon.localize_stage import LocalizeStage
-    from dimscope.engines import CameraCalibration
-
     path, sim, _ = recording
     frames = tifffile.imread(path)
-    cam = sim.settings.camera
-    stage = LocalizeStage(LocalizeNodeConfig(name="localize", push_wait_s=0.3), tmp_path,
-                          cam.pixel_nm / 1000.0, CameraCalibration(
-                              cam.gain_adu_per_e, cam.offset_adu, cam.read_noise_e))
+    stage = localize_stage(tmp_path, sim, push_wait_s=0.3)
     real_push = stage._localizer.push
 
     def push(pixels: np.ndarray, first_frame: int | None = None) -> list[object]:
@@ -204,7 +208,7 @@ def test_a_localizer_failing_on_a_held_stack_fails_the_node_and_counts_the_frame
     stage.connect(lambda frame: None)
     stage.start()
     for i in range(130):
-        stage.offer(Frame(i, freeze(frames[i]), time.time_ns(), 10.0, 0.1, "test"))
+        stage.offer(raw_frame(frames, i))
     deadline = time.monotonic() + 5.0
     while stage.error is None and time.monotonic() < deadline:
         time.sleep(0.05)
