@@ -18,6 +18,10 @@
 4. **Speed**: the live `transfer` engine on a 512² frame beside torch eager (as
    bench/engines.py).
 
+The offline quality engine `transfer_hq` (a network refining BM3D+VST deconvolved by
+Richardson–Lucy, averaged over rotations/flips) is scored and trust-checked beside the live
+model when it is shipped (`--extra-model` names others instead).
+
     .venv/bin/python bench/transfer.py     # ~10 min on 2 cores; results/transfer.{json,md}
 """
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import binary_dilation
 
-from dimscope.engines import CameraCalibration, make_engine
+from dimscope.engines import CameraCalibration, available_engines, make_engine
 from dimscope.engines.evaluation.transfer_eval import (
     evaluate_split,
     format_transfer,
@@ -44,7 +48,7 @@ from dimscope.engines.evaluation.transfer_eval import (
     registered_split,
     simulated_split,
 )
-from dimscope.engines.model_file import read_card
+from dimscope.engines.model_file import read_card, shipped_models
 from dimscope.engines.noise_model import NoiseModel
 from dimscope.engines.pairs.simulate import PairOptics
 from dimscope.engines.trust import TrustMeter, forward_model
@@ -99,11 +103,12 @@ def _footprint_on_map(structure: np.ndarray, map_shape: tuple[int, ...]) -> np.n
     return padded.reshape(h, 2, w, 2).any(axis=(1, 3))
 
 
-def trust(model: str, draws: int) -> dict:
-    """False alarms on honest outputs; detection of painted/erased structures."""
+def trust(engine_name: str, model: str | None, draws: int) -> dict:
+    """False alarms on honest outputs of engine `engine_name` (with `model`, if given);
+    detection of structures painted into / erased from them."""
     from dimscope.engines.trust import _intensity_fit
 
-    engine = make_engine("transfer", model=model)
+    engine = make_engine(engine_name, **({"model": model} if model else {}))
     sigma = engine.info.forward_psf_sigma_px
     noise = NoiseModel.from_calibration(CAMERA)
     meter = TrustMeter(CAMERA)
@@ -186,16 +191,17 @@ def markdown(res: dict) -> str:
              "classes at the same photon level; real: planes 0–9 and 25–44).", ""]
     lines.append(format_transfer({"simulated": res["simulated"], **(
         {"real": res["real"]} if res.get("real") else {})}))
-    t = res["trust"]
-    lines += ["## Trust for transfer", "",
-              f"Forward model: Gaussian blur sigma {t['forward_psf_sigma_px']:.2f} px (fitted "
-              "to the training pairs) + per-frame gain/offset fit. Honest outputs on held-out "
-              f"pairs at {', '.join(f'{p:g}' for p in PHOTONS)} photons: "
-              f"**false alarms {100 * t['false_alarm_rate']:.1f} %** of "
-              f"{t['honest_frames']} frames.", "", "| structure | detected | n |",
-              "|---|---:|---:|"]
-    for k, v in t["detection"].items():
-        lines.append(f"| {k} | {100 * v['rate']:.0f} % | {v['n']} |")
+    for name, t in {"transfer": res["trust"], **res.get("trust_extra", {})}.items():
+        lines += [f"## Trust for `{name}`", "",
+                  f"Forward model: Gaussian blur sigma {t['forward_psf_sigma_px']:.2f} px "
+                  "(fitted to the training pairs) + per-frame gain/offset fit. Honest outputs "
+                  f"on held-out pairs at {', '.join(f'{p:g}' for p in PHOTONS)} photons: "
+                  f"**false alarms {100 * t['false_alarm_rate']:.1f} %** of "
+                  f"{t['honest_frames']} frames.", "", "| structure | detected | n |",
+                  "|---|---:|---:|"]
+        for k, v in t["detection"].items():
+            lines.append(f"| {k} | {100 * v['rate']:.0f} % | {v['n']} |")
+        lines.append("")
     s = res["speed"]
     lines += ["", "## Speed", "",
               f"Live `transfer` engine at 512²: **{s['fps']:.1f} fps** ({s['ms']:.1f} ms, "
@@ -207,14 +213,19 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="transfer", help="model under test (shipped name/path)")
-    ap.add_argument("--extra-model", action="append", default=[],
-                    help="more models to score beside it (e.g. a fine-tuned one)")
+    ap.add_argument("--extra-model", action="append", default=None,
+                    help="more models or model engines to score beside it (default: the "
+                         "offline quality engine transfer_hq, when shipped)")
     ap.add_argument("--n-test", type=int, default=8, help="held-out images per photon level")
     ap.add_argument("--trust-draws", type=int, default=6)
     ap.add_argument("--runtime", default="auto")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--record", action="store_true",
+                    help="write each shipped model's held-out results into its card")
     args = ap.parse_args()
-    models = [args.model, *args.extra_model]
+    extra = args.extra_model if args.extra_model is not None else (
+        ["transfer_hq"] if "transfer_hq" in shipped_models() else [])
+    models = [args.model, *extra]
     methods = model_methods(models, args.runtime)
     card = read_card(make_engine("transfer", model=args.model).path)  # type: ignore[attr-defined]
     res: dict = {"date": time.strftime("%Y-%m-%d"), "model": args.model,
@@ -230,12 +241,50 @@ def main() -> None:
         res["simulated"][f"{photons:g}"] = evaluate_split(split, methods)
         print(f"simulated {photons:g} photons: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     res["real"] = real_pair(models, args.runtime)
-    res["trust"] = trust(args.model, args.trust_draws)
+    res["trust"] = trust("transfer", args.model, args.trust_draws)
+    res["trust_extra"] = {m: trust(m, None, args.trust_draws) for m in extra
+                          if m in available_engines()}
     res["speed"] = speed(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "transfer.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     (args.out / "transfer.md").write_text(markdown(res))
     print(markdown(res))
+    if args.record:
+        for model, label in zip(models, methods, strict=True):
+            record_evaluation(model, label, res)
+
+
+def record_evaluation(model: str, label: str, res: dict) -> None:
+    """The held-out comparison of `model` (scored as `label`) into its shipped card."""
+    from dimscope.engines.model_file import resolve_model, write_card_metadata
+
+    name = model if model in shipped_models() else (
+        make_engine(model).path.stem if model in available_engines() else None)  # type: ignore[attr-defined]
+    if name is None or name not in shipped_models():
+        return
+    path = resolve_model(name)
+
+    def summary(result: dict) -> dict:
+        best, margin = result["best_baseline"], result["margins"][label]
+        return {"best_baseline": best, "baseline_psnr": result["methods"][best]["mean"]["psnr"],
+                "baseline_ssim": result["methods"][best]["mean"]["ssim"],
+                "psnr": result["methods"][label]["mean"]["psnr"],
+                "ssim": result["methods"][label]["mean"]["ssim"],
+                "margin_psnr": margin["psnr_mean"], "margin_ssim": margin["ssim_mean"],
+                "images_ahead": margin["images_ahead"], "images": margin["images"],
+                "worst": margin["worst"]}
+
+    evaluation = {"protocol": "bench/transfer.py: simulated pairs of held-out structure "
+                              "classes (rings, mitochondria) at 20 and 100 photons; baselines "
+                              "tuned on the training classes only; PSNR/SSIM after an affine "
+                              "fit to the noise-free truth",
+                  "date": res["date"], "machine": res["machine"],
+                  "simulated": {ph: summary(r) for ph, r in res["simulated"].items()},
+                  **({"real_pair_planes_15_19": summary(res["real"])} if res.get("real")
+                     else {})}
+    card = read_card(path)
+    write_card_metadata(path, card.model_copy(update={"evaluation": evaluation}))
+    print(f"wrote the held-out results into the card of {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -287,8 +287,9 @@ def add_enhance_parser(sub: Any) -> None:
                    help="denoise (default), sr2, denoise_hq / denoise_hq_t5 (the slower "
                         "quality model: BM3D, or for time-lapses BM4D over the last 5 frames, "
                         "refined by a network), sr2_hq (×2: BM3D refined and upsampled by a "
-                        "network), bm3d, bm4d, vst_gaussian, identity, model, or none "
-                        "(interpolate the raw frames)")
+                        "network), transfer / transfer_hq (widefield -> confocal-like; hq: "
+                        "BM3D and Richardson-Lucy refined by a network), bm3d, bm4d, "
+                        "vst_gaussian, identity, model, or none (interpolate the raw frames)")
     e.add_argument("--model", default=None, help="model name or .onnx path (engine model)")
     e.add_argument("--runtime", default=None, help="runtime for model engines (default auto)")
     e.add_argument("--interpolate", type=int, default=1, choices=[1, 2, 3, 4, 8],

@@ -46,7 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         low_modality=args.modalities[0], high_modality=args.modalities[1],
         pixel_um=(args.pixel_size[0], args.pixel_size[1]) if args.pixel_size else None,
         ssim_weight=args.ssim_weight, guide=args.guide, pool=args.pool,
-        pool_files=[str(f) for f in args.pool_files],
+        pool_files=[str(f) for f in args.pool_files], rl_sigma_px=args.rl_sigma,
+        rl_iterations=args.rl_iterations,
         **({"sim_classes": args.sim_classes} if args.sim_classes else {}))
     if args.task == "transfer" and not args.pairs and not args.sim_fraction:
         print("dimscope: train transfer needs --pairs (registered pair folders) or a "
@@ -90,12 +91,17 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--noise-weight", type=float, default=0.0,
                    help="noise-aware clips: weight each sample's MSE by sigma^-W (0: plain "
                         "MSE, dominated by the darkest samples; 2: every photon level alike)")
-    gd = t.add_argument_group("guided denoise and sr2 (offline quality models that refine a "
-                              "classical estimate)")
+    gd = t.add_argument_group("guided denoise, sr2 and transfer (offline quality models "
+                              "that refine a classical estimate)")
     gd.add_argument("--guide", choices=["bm3d", "bm4d"], default=None,
                     help="refine BM3D+VST of the newest frame (--window 1) or BM4D+VST over "
                          "the window (implies --vst); sr2: BM3D+VST at the camera's "
-                         "sampling, upsampled")
+                         "sampling, upsampled; transfer (bm3d, scale 1): BM3D+VST "
+                         "deconvolved by Richardson-Lucy (--rl-sigma, --rl-iterations)")
+    gd.add_argument("--rl-sigma", type=float, default=2.0,
+                    help="guided transfer: the Richardson-Lucy PSF's sigma in LOW pixels")
+    gd.add_argument("--rl-iterations", type=int, default=15,
+                    help="guided transfer: Richardson-Lucy iterations")
     gd.add_argument("--pool", type=int, default=1200,
                     help="training samples to make (each needs one BM3D/BM4D run; saved "
                          "beside the model as OUT.pool.npz and reused)")

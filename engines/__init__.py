@@ -37,6 +37,10 @@ _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     # Cross-modality transfer (widefield -> confocal-like by default; options.model names
     # one trained with `dimscope train transfer`).
     "transfer": ("dimscope.engines.model_engine:ModelEngine", {"model": "transfer"}),
+    # The offline quality transfer model: a network refining BM3D+VST deconvolved by
+    # Richardson–Lucy (averaged over rotations/flips; seconds per frame).
+    "transfer_hq": ("dimscope.engines.model_engine:ModelEngine",
+                    {"model": "transfer_hq", "ensemble": True}),
     "model": ("dimscope.engines.model_engine:ModelEngine", {}),
 }
 

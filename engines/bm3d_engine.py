@@ -13,18 +13,22 @@ closed-form unbiased inverse (Mäkitalo & Foi) — the standard "BM3D+VST".
 Far too slow to be live tiers on a CPU; they are the references of
 `dimscope eval`, `dimscope enhance` and `bench/generalization.py`, and
 `classical_estimate` is the guide the offline quality models refine
-(`ModelCard.guide`). Both need the `eval` extra.
+(`ModelCard.guide`); `deconvolved_estimate` deconvolves it for a guided transfer model
+(`ModelCard.deconvolution`). Both need the `eval` extra.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import CameraCalibration, EngineError, EngineInfo
 from .noise_model import CameraNoise
+
+if TYPE_CHECKING:
+    from .model_file import DeconvolutionGuide
 
 
 def _require(module: str) -> Any:
@@ -45,6 +49,14 @@ def classical_estimate(library: Any, stable: np.ndarray) -> np.ndarray:
         return np.asarray(library.bm3d(stable[0], sigma_psd=1.0), dtype=np.float32)
     volume = np.moveaxis(stable, 0, -1)
     return np.asarray(library.bm4d(volume, sigma_psd=1.0)[..., -1], dtype=np.float32)
+
+
+def deconvolved_estimate(estimate: np.ndarray, guide: DeconvolutionGuide) -> np.ndarray:
+    """The classical estimate (ADU) deconvolved as `guide` says: Richardson–Lucy with a
+    Gaussian PSF after subtracting a low percentile, which is added back (still ADU)."""
+    from .evaluation.transfer_baselines import rl2d
+
+    return rl2d(estimate, 1, guide.psf_sigma_px, guide.iterations, guide.background_percentile)
 
 
 def classical_library(window: int) -> Any:

@@ -24,7 +24,9 @@ A guided model (the offline quality models: `card.guide`) refines a classical
 estimate: the engine runs BM3D+VST on the newest frame (or BM4D+VST over the same
 causal window) with the same noise model and passes it as one more input channel;
 `guide_window` K > 1 gives a BM3D-guided model BM4D's estimate over the causal window of
-the last K frames instead (time-lapses: `denoise_hq_t5`). Seconds per frame, so for
+the last K frames instead (time-lapses: `denoise_hq_t5`). A guided transfer model
+(`card.deconvolution`, `transfer_hq`) also gets that estimate deconvolved by
+Richardson–Lucy, the base its residual is added to. Seconds per frame, so for
 `enhance` and evaluation, not a live tier.
 
 A transfer model's card carries its forward model (the blur fitted to its training
@@ -52,7 +54,7 @@ import numpy as np
 
 from . import normalize
 from .base import CameraCalibration, EngineError, EngineInfo
-from .bm3d_engine import classical_estimate, classical_library
+from .bm3d_engine import classical_estimate, classical_library, deconvolved_estimate
 from .model_file import ModelCard, open_model_card, resolve_model
 from .noise_model import CameraNoise
 from .normalize import VSTNorm
@@ -261,7 +263,9 @@ class ModelEngine:
         if self.guide_library is not None:
             stable = noise.gat(np.stack(frames[-self.guide_window:]))
             guide = noise.inverse_gat_unbiased(classical_estimate(self.guide_library, stable))
-        x, lo, span = norm.inputs(np.stack(frames[-self.window:]), noise, guide)
+        deconvolved = (deconvolved_estimate(guide, self.card.deconvolution)
+                       if guide is not None and self.card.deconvolution is not None else None)
+        x, lo, span = norm.inputs(np.stack(frames[-self.window:]), noise, guide, deconvolved)
         y = self._run(x)
         return norm.invert(y, noise, lo, span)
 

@@ -65,6 +65,20 @@ class TransferProvenance(BaseModel):
     adversarial_loss: bool = False
 
 
+class DeconvolutionGuide(BaseModel):
+    """A guided transfer model's base: Richardson–Lucy of its classical estimate, one more
+    input channel, the one the network's residual is added to (`ModelCard.deconvolution`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["richardson_lucy"] = "richardson_lucy"
+    #: the Gaussian PSF's sigma in input pixels
+    psf_sigma_px: float = Field(gt=0)
+    iterations: int = Field(ge=1, le=1000)
+    #: subtracted before deconvolving (percentile of the estimate), added back after
+    background_percentile: float = Field(1.0, ge=0, le=50)
+
+
 class DenseProvenance(BaseModel):
     """What a sparse-to-dense (localization microscopy) model takes and learned from."""
 
@@ -130,6 +144,9 @@ class ModelCard(BaseModel):
     #: guided (offline quality) models: the classical estimate the network refines, one
     #: more input channel (BM3D+VST of the newest frame, or BM4D+VST over the window)
     guide: Literal["bm3d", "bm4d"] | None = None
+    #: guided transfer models: the estimate deconvolved (Richardson–Lucy), the base the
+    #: network refines (None: the network refines the estimate itself)
+    deconvolution: DeconvolutionGuide | None = None
     #: sparse-to-dense models (localization microscopy): grid, data, loss (None otherwise)
     dense: DenseProvenance | None = None
 
@@ -138,11 +155,12 @@ class ModelCard(BaseModel):
 
     @property
     def channels(self) -> int:
-        """Channels of the (first) model input: the window, the guide if any, plus the
-        noise map with VST; a dense model's two: widefield and sparse render."""
+        """Channels of the (first) model input: the window, the guide and its deconvolution
+        if any, plus the noise map with VST; a dense model's two: widefield and sparse
+        render."""
         if self.task == "dense":
             return 2
-        return (self.window + int(self.guide is not None)
+        return (self.window + int(self.guide is not None) + int(self.deconvolution is not None)
                 + int(self.normalization.get("kind") == "vst"))
 
 

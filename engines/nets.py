@@ -16,7 +16,9 @@ runtime can rebuild the exact network from an ONNX file alone.
   photons; the residual is added to the newest frame. With `guided` one more channel
   (after the frames) holds a classical estimate of the newest frame (BM3D/BM4D+VST,
   the offline quality models) and the residual is added to it instead: the network
-  learns what the classical method gets wrong.
+  learns what the classical method gets wrong. With `deconvolved` (guided transfer
+  models) one more channel after the guide holds the guide deconvolved by
+  Richardson–Lucy, and the residual is added to that.
 - `care_unet`: the CARE-style reference U-Net (full resolution, concatenated
   skips, max-pool / upsample) used only to report what the live model gives up.
 """
@@ -45,15 +47,20 @@ class RestoreNet(nn.Module):
     half the input's resolution."""
 
     def __init__(self, scale: int = 1, channels: int = 24, levels: int = 2, window: int = 1,
-                 noise_map: bool = False, guided: bool = False) -> None:
+                 noise_map: bool = False, guided: bool = False, deconvolved: bool = False
+                 ) -> None:
         super().__init__()
         if scale not in (1, 2, 4):
             raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
+        if deconvolved and not guided:
+            raise ValueError("a deconvolved channel comes with a guide (guided=True)")
         self.scale, self.levels, self.window = scale, levels, window
-        #: the channel the residual is added to: the newest frame, or the classical estimate
-        self.base_channel = window if guided else window - 1
+        #: the channel the residual is added to: the newest frame, the classical estimate,
+        #: or its deconvolution
+        self.base_channel = window + int(deconvolved) if guided else window - 1
         widths = [channels * 2**i for i in range(levels + 1)]
-        self.stem = _Block(4 * (window + int(guided) + int(noise_map)), widths[0])
+        inputs = window + int(guided) + int(deconvolved) + int(noise_map)
+        self.stem = _Block(4 * inputs, widths[0])
         self.down = nn.ModuleList(_Block(widths[i], widths[i + 1], stride=2)
                                   for i in range(levels))
         self.up = nn.ModuleList(

@@ -77,26 +77,30 @@ class VSTNorm:
     0.02. The network outputs the transformed clean newest frame in the same
     units; `invert` maps it back through the algebraic inverse to ADU. A guided
     model also gets a classical estimate of the newest frame (`guide`, in ADU) in
-    the target's units, as one more channel between the frames and the noise map.
+    the target's units, as one more channel between the frames and the noise map (a
+    guided transfer model also its deconvolution, after it).
     """
 
     low: float = 1.0
     high: float = 99.8
     stride: int = 4
 
-    def inputs(self, window: np.ndarray, noise: NoiseModel, guide: np.ndarray | None = None
-               ) -> tuple[np.ndarray, float, float]:
-        """(K+1, H, W) network input for a (K, H, W) window (K+2 with a guide); with its
-        (lo, span)."""
+    def inputs(self, window: np.ndarray, noise: NoiseModel, guide: np.ndarray | None = None,
+               deconvolved: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+        """(K+1, H, W) network input for a (K, H, W) window (K+2 with a guide, K+3 with the
+        guide's deconvolution too, in ADU like the guide); with its (lo, span)."""
+        if deconvolved is not None and guide is None:
+            raise ValueError("a deconvolved channel comes with a guide")
         f = noise.gat(window)
         lo, hi = np.percentile(f[-1, :: self.stride, :: self.stride], [self.low, self.high])
         lo, span = float(lo), max(float(hi - lo), 1.0)  # at least one noise s.d. of range
         k = f.shape[0]
-        out = np.empty((k + 1 + int(guide is not None), *f.shape[1:]), np.float32)
+        extra = [a for a in (guide, deconvolved) if a is not None]
+        out = np.empty((k + 1 + len(extra), *f.shape[1:]), np.float32)
         np.subtract(f, np.float32(lo), out=out[:k])
         out[:k] *= np.float32(1.0 / span)
-        if guide is not None:
-            out[k] = self.target(guide, noise, lo, span)
+        for i, image in enumerate(extra):
+            out[k + i] = self.target(image, noise, lo, span)
         out[-1] = np.float32(1.0 / span)
         return out, lo, span
 

@@ -93,6 +93,7 @@ ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {
     "denoise_hq": ModelOptions,
     "denoise_hq_t5": ModelOptions,
     "sr2_hq": ModelOptions,
+    "transfer_hq": ModelOptions,
     "model": ModelOptions,
 }
 

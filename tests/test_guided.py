@@ -220,3 +220,60 @@ def test_train_guided_sr2_refines_bm3d_at_the_camera_sampling(tmp_path: Path) ->
                           str(tmp_path / "x.onnx"), "-q"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "guided sr2 model takes --guide bm3d" in bad.stderr
+
+
+def test_a_zero_residual_guided_transfer_gives_back_bm3d_deconvolved(tmp_path: Path) -> None:
+    """A guided transfer model's base is BM3D+VST deconvolved by Richardson–Lucy as its card
+    says: with a zero residual the engine must give back exactly that."""
+    from dimscope.engines.bm3d_engine import deconvolved_estimate
+    from dimscope.engines.model_file import DeconvolutionGuide
+
+    hp = {"channels": 4, "levels": 1, "scale": 1, "window": 1, "noise_map": True,
+          "guided": True, "deconvolved": True}
+    net = build_network("restore", **hp)
+    with torch.no_grad():
+        for p in net.head.parameters():  # type: ignore[union-attr]
+            p.zero_()
+    rl = DeconvolutionGuide(psf_sigma_px=1.5, iterations=10)
+    card = ModelCard(name="thq", task="transfer", arch="restore", hparams=hp, multiple=4,
+                     normalization=VSTNorm().as_dict(), guide="bm3d", deconvolution=rl)
+    model = export_onnx(net, card, tmp_path / "thq.onnx")
+    assert read_card(model).channels == 4  # frame, guide, its deconvolution, noise level
+    engine = make_engine("model", model=str(model), runtime="openvino")
+    classical = make_engine("bm3d")
+    for e in (engine, classical):
+        e.prepare((48, 48), np.dtype(np.float32), CAM)
+    frame = frames(1)[0]
+    expected = deconvolved_estimate(classical.process(frame), rl)
+    out = engine.process(frame)
+    # equal where the VST is invertible (it clips below the camera's dark level)
+    bright = expected > CAM.offset_adu + 2.0
+    assert bright.mean() > 0.15  # the scene: spots and a filament on a dark field
+    assert np.allclose(out[bright], expected[bright], rtol=1e-3, atol=0.1)
+    # ...and RL sharpened the estimate: its peak is higher than BM3D's
+    assert expected.max() > classical.process(frame).max() + 1.0
+
+
+def test_train_guided_transfer_refines_bm3d_deconvolved(tmp_path: Path) -> None:
+    out = tmp_path / "transfer_hq.onnx"
+    cmd = [*CLI, "train", "transfer", "--guide", "bm3d", "--rl-sigma", "1.8",
+           "--rl-iterations", "7", "--pool", "6", "--steps", "3", "--patch", "32", "--batch",
+           "2", "--channels", "4", "--levels", "1", "--val-every", "3", "--out", str(out), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    card = read_card(out)
+    assert (card.task, card.guide, card.channels) == ("transfer", "bm3d", 4)
+    assert card.deconvolution is not None
+    assert (card.deconvolution.psf_sigma_px, card.deconvolution.iterations) == (1.8, 7)
+    assert card.transfer is not None and card.transfer.loss == "intensity-weighted mse"
+    assert card.transfer.forward_psf_sigma_px > 0  # the trust check's forward model
+    with np.load(out.with_suffix(".pool.npz")) as data:
+        assert data["inputs"].shape == (6, 4, 32, 32) and data["targets"].shape == (6, 1, 32, 32)
+    engine = make_engine("model", model=str(out), ensemble=True)
+    engine.prepare((48, 40), np.dtype(np.float32), CAM)
+    restored = engine.process(frames(1)[0][:, :40])
+    assert restored.shape == (48, 40) and np.isfinite(restored).all()
+    bad = subprocess.run([*cmd[:len(CLI) + 2], "--guide", "bm3d", "--scale", "2", "--out",
+                          str(tmp_path / "x.onnx"), "-q"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "guided transfer model works at --scale 1" in bad.stderr

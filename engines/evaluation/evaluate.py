@@ -102,9 +102,19 @@ def _then_bicubic(fn: Method) -> Method:
 
 
 def model_method(model: str, runtime: str = "auto") -> tuple[str, Method]:
+    """A model as a method: a model engine's name (`transfer_hq`: its model with the
+    engine's options, e.g. the rotation/flip ensemble), a shipped model or an .onnx path."""
+    from .. import EngineError, available_engines, make_engine
     from ..model_engine import ModelEngine
 
-    engine = ModelEngine(model=model, runtime=runtime)
+    named = None
+    if model in available_engines():
+        try:
+            named = make_engine(model, runtime=runtime)
+        except EngineError:  # an engine that is not a model (bm3d, identity): not one here
+            named = None
+    engine = named if isinstance(named, ModelEngine) else ModelEngine(model=model,
+                                                                      runtime=runtime)
     prepared: dict[str, tuple[int, ...]] = {}
 
     def run(image: np.ndarray) -> np.ndarray:

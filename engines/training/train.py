@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import normalize
 from ..evaluation.quality import fit_to, normalize_truth, psnr
-from ..model_file import ModelCard, open_model_card, resolve_model
+from ..model_file import DeconvolutionGuide, ModelCard, open_model_card, resolve_model
 from ..nets import build_network, count_parameters, multiple_of
 from ..normalize import PercentileNorm, VSTNorm
 from ..pairs.simulate import TRAIN_CLASSES
@@ -48,7 +48,7 @@ from .guided import (
     pool_source,
     save_pool,
 )
-from .transfer import TransferSampler, ssim_loss
+from .transfer import TransferSampler, build_guided_pool, ssim_loss
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class TrainSettings:
     guide: Guide | None = None
     pool: int = 1200
     pool_files: list[str] = field(default_factory=list)
+    #: guided transfer: the BM3D estimate deconvolved by Richardson–Lucy (Gaussian PSF of
+    #: this sigma in LOW pixels, this many iterations) is the base the network refines
+    rl_sigma_px: float = 2.0
+    rl_iterations: int = 15
 
     @property
     def clips(self) -> bool:
@@ -239,10 +243,12 @@ def validate_clips(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndar
     return float(np.mean(values))
 
 
-def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator
-                   ) -> GuidedBatches:
-    """The guided pool: loaded from `pool_files`, or made from the data and saved beside
-    the model (`<out>.pool.npz`) so a rerun or a fold of the same data reuses it."""
+def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator,
+                   transfer: TransferSampler | None = None,
+                   deconvolution: DeconvolutionGuide | None = None) -> GuidedBatches:
+    """The guided pool: loaded from `pool_files`, or made from the data (`transfer`: from
+    its pairs, with `deconvolution`) and saved beside the model (`<out>.pool.npz`) so a
+    rerun or a fold of the same data reuses it."""
     from .clips import ClipSampler, movie_channels
 
     guide = settings.guide
@@ -253,13 +259,29 @@ def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator
     else:
         saved = out.with_suffix(".pool.npz")
         source = " ".join(settings.data + settings.movies) or "simulated"
+        if transfer is not None:
+            assert deconvolution is not None
+            # everything the samples depend on, so a pool made otherwise is made again
+            source = json.dumps({"task": "transfer", "classes": transfer.classes,
+                                 "pairs": settings.pairs, "planes": settings.planes,
+                                 "data": settings.data, "patch": settings.patch,
+                                 "photons": list(settings.photons), "seed": settings.seed,
+                                 "sim_fraction": transfer.sim_fraction,
+                                 "deconvolution": deconvolution.model_dump()})
         reuse = saved.is_file() and pool_source(saved) == (source, settings.pool)
         if reuse:
             try:
                 inputs, targets = load_pools([saved], guide, settings.window, settings.scale)
             except ValueError:  # made for another guide, window or scale
                 reuse = False
-        if not reuse:
+        if not reuse and transfer is not None:
+            saved.unlink(missing_ok=True)
+            assert deconvolution is not None
+            log.info("making %d bm3d-guided transfer samples (seconds each)", settings.pool)
+            inputs, targets = build_guided_pool(transfer, settings.pool, deconvolution,
+                                                settings.seed)
+            save_pool(saved, inputs, targets, guide, settings.window, source, settings.scale)
+        elif not reuse:
             saved.unlink(missing_ok=True)  # made from other data: make it again
             movies = [m for f in tif_files(settings.movies) for m in movie_channels(f)]
             clips = ClipSampler(settings.window, settings.patch * settings.scale, 1,
@@ -497,14 +519,22 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     hparams = {**DEFAULT_HPARAMS.get(settings.arch, {}), **settings.hparams}
     if settings.arch != "interp":
         hparams["scale"] = settings.scale
+    deconvolution = None
     if settings.guide is not None:
-        if settings.guide not in ("bm3d", "bm4d") or settings.task not in ("denoise", "sr2"):
-            raise ValueError(f"--guide takes bm3d or bm4d for denoise or sr2, got "
+        if settings.guide not in ("bm3d", "bm4d") or settings.task not in ("denoise", "sr2",
+                                                                           "transfer"):
+            raise ValueError(f"--guide takes bm3d or bm4d for denoise, sr2 or transfer, got "
                              f"{settings.guide!r} for {settings.task}")
         if (settings.guide == "bm3d") != (settings.window == 1):
             raise ValueError("a bm3d guide takes --window 1; a bm4d guide a window of 2+")
-        if settings.task == "sr2" and settings.guide != "bm3d":
-            raise ValueError("a guided sr2 model takes --guide bm3d (one frame)")
+        if settings.task in ("sr2", "transfer") and settings.guide != "bm3d":
+            raise ValueError(f"a guided {settings.task} model takes --guide bm3d (one frame)")
+        if settings.task == "transfer":
+            if settings.scale != 1:
+                raise ValueError("a guided transfer model works at --scale 1")
+            deconvolution = DeconvolutionGuide(psf_sigma_px=settings.rl_sigma_px,
+                                               iterations=settings.rl_iterations)
+            hparams["deconvolved"] = True
         settings.vst = True
         hparams["guided"] = True
         hparams.update(window=settings.window, noise_map=True)
@@ -522,10 +552,13 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
     if resume and checkpoint.is_file():
         step, history, running = restore_checkpoint(checkpoint, net, optimizer, rng)
     sampler: PairSampler | TripletSampler | ClipBatches | TransferSampler | GuidedBatches
+    transfer_sampler = None
+    if settings.task == "transfer":
+        transfer_sampler = TransferSampler(settings, rng)
     if settings.guide is not None:
-        sampler = guided_batches(settings, out, rng)
-    elif settings.task == "transfer":
-        sampler = TransferSampler(settings, rng)
+        sampler = guided_batches(settings, out, rng, transfer_sampler, deconvolution)
+    elif transfer_sampler is not None:
+        sampler = transfer_sampler
         val_pairs = sampler.validation()
     elif settings.clips:
         sampler = ClipBatches(settings, rng)
@@ -588,8 +621,10 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
         version=settings.version, arch=settings.arch, hparams=hparams, scale=settings.scale,
         multiple=multiple, inputs=settings.frames_in, window=settings.window,
         normalization=(VSTNorm() if settings.vst else PercentileNorm()).as_dict(),
-        transfer=sampler.provenance() if isinstance(sampler, TransferSampler) else None,
-        guide=settings.guide,
+        transfer=(transfer_sampler.provenance(loss=None if settings.guide is None else
+                                              "intensity-weighted mse")
+                  if transfer_sampler is not None else None),
+        guide=settings.guide, deconvolution=deconvolution,
         training={"command": " ".join(["dimscope", *sys.argv[1:]]) if sys.argv else "",
                   "settings": asdict(settings), "parameters": count_parameters(net),
                   "steps": step, "final_loss": running, "val_psnr": val_psnr,

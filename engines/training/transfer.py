@@ -15,6 +15,17 @@ Two sources, mixed per sample (`sim_fraction`):
 Input and target are then normalised with the input's percentiles, as the runtime does.
 The forward model the trust check uses (a Gaussian blur, binning, an affine intensity fit)
 is fitted to samples of this same mix (`fit_forward_sigma`).
+
+A **guided** transfer model (`--guide bm3d`, the offline `transfer_hq`) refines a classical
+estimate instead: LOW through the camera's variance-stabilising transform, BM3D's estimate
+of it, that estimate deconvolved by Richardson–Lucy (the base the residual is added to) and
+the noise level — the inputs the engine's guided path makes (`model_engine`). BM3D costs
+~0.3 s per sample, so a fixed pool is made once (`build_guided_pool`, in worker processes,
+each sample from its own seed) and saved beside the model. Its simulated pairs are recorded
+by a random camera (gain, offset, read noise); the noise model handed to the VST is, per
+sample, estimated from LOW itself (as for an uncalibrated camera) or the calibration off by
+~10 %. The target is HIGH in LOW's units: light conserved for simulated pairs; for
+registered pairs HIGH fitted affinely to LOW through the forward blur.
 """
 
 from __future__ import annotations
@@ -29,8 +40,10 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from .. import normalize
-from ..model_file import TransferProvenance
-from ..normalize import PercentileNorm
+from ..bm3d_engine import classical_estimate, classical_library, deconvolved_estimate
+from ..model_file import DeconvolutionGuide, TransferProvenance
+from ..noise_model import NoiseModel, estimate_noise_model
+from ..normalize import PercentileNorm, VSTNorm
 from ..pairs.simulate import HELD_OUT_CLASSES, PairOptics, density, render_pair
 from .crappify import bin_mean
 
@@ -134,8 +147,8 @@ class TransferSampler:
             raise ValueError("simulated pairs need at least one structure class (the "
                              "`images` class needs --data images)")
 
-    def _photons(self) -> float:
-        return float(np.exp(self.rng.uniform(*np.log(self.s.photons))))
+    def _photons(self, rng: np.random.Generator | None = None) -> float:
+        return float(np.exp((rng or self.rng).uniform(*np.log(self.s.photons))))
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """(LOW at LOW's sampling, HIGH) in LOW's units (not yet normalised)."""
@@ -155,6 +168,38 @@ class TransferSampler:
             low = (self.rng.poisson(np.clip(low, 0, None) * photons) / photons).astype(
                 np.float32)
         return low, high
+
+    def guided_sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
+                                                               NoiseModel]:
+        """(LOW, HIGH in LOW's units, the noise model the VST gets) for a guided pool (module
+        docstring), from `rng` alone."""
+        size = self.s.patch * self.scale
+        if self.real is None or rng.random() < self.sim_fraction:
+            kind = self.classes[int(rng.integers(len(self.classes)))]
+            truth = density(kind, rng, (size, size), self.images)
+            gain = float(np.exp(rng.uniform(*np.log(GUIDED_GAIN))))
+            offset, read_noise = float(rng.uniform(*GUIDED_OFFSET)), float(
+                rng.uniform(*GUIDED_READ_NOISE))
+            pair = render_pair(truth, self.optics, rng, self._photons(rng), gain=gain,
+                               offset=offset, read_noise_e=read_noise)
+            low = pair.low
+            target = pair.high_in_low_units * np.float32(pair.photons * gain) + np.float32(
+                offset)
+            if rng.random() < GUIDED_ESTIMATED:
+                return low, target, estimate_noise_model(low)
+            g = gain * float(np.exp(rng.normal(0.0, 0.1)))
+            return low, target, NoiseModel(alpha=g, beta=g * g * read_noise**2 - g * offset)
+        low, high = self.real.crop(rng, size)
+        low = bin_mean(low, self.scale)
+        if rng.random() < 0.5:  # dimmer than the pair was acquired
+            photons = self._photons(rng)
+            low = (rng.poisson(np.clip(low, 0, None) * photons) / photons).astype(np.float32)
+        # HIGH in LOW's units: the affine fit of HIGH, blurred and binned, to LOW
+        pred = bin_mean(gaussian_filter(high, self.optics.relative_sigma_px), self.scale)
+        a = np.stack([pred.ravel(), np.ones(pred.size, np.float32)], 1)
+        (gain_fit, offset_fit), *_ = np.linalg.lstsq(a, low.ravel(), rcond=None)
+        target = (high * np.float32(gain_fit) + np.float32(offset_fit)).astype(np.float32)
+        return low, target, estimate_noise_model(low)
 
     def pair(self) -> tuple[np.ndarray, np.ndarray]:
         low, high = self.sample()
@@ -184,7 +229,8 @@ class TransferSampler:
             out.append((pair.low, pair.high_clean))
         return out
 
-    def provenance(self) -> TransferProvenance:
+    def provenance(self, loss: str | None = None) -> TransferProvenance:
+        """The card's transfer section; `loss` when it is not this sampler's L1 (+ SSIM)."""
         low_um, high_um = (self.real.pixel_um if self.real and self.real.pixel_um else
                            self.s.pixel_um or (0.1 * self.scale, 0.1))
         simulated: dict[str, Any] = {}
@@ -203,7 +249,63 @@ class TransferSampler:
             registration=self.real.registration if self.real else [],
             simulated=simulated, forward_psf_sigma_px=fit_forward_sigma(
                 [self.sample() for _ in range(48)], self.scale),
-            loss="l1+ssim" if self.s.ssim_weight > 0 else "l1", adversarial_loss=False)
+            loss=loss or ("l1+ssim" if self.s.ssim_weight > 0 else "l1"),
+            adversarial_loss=False)
+
+
+#: the cameras a guided pool's simulated pairs are recorded with (drawn per sample)
+GUIDED_GAIN = (0.6, 3.0)
+GUIDED_OFFSET = (50.0, 400.0)
+GUIDED_READ_NOISE = (1.0, 3.0)
+#: share of guided samples whose noise model is estimated from LOW (the rest: calibration)
+GUIDED_ESTIMATED = 0.5
+
+_POOL_SAMPLER: TransferSampler | None = None
+
+
+def _set_pool_sampler(sampler: TransferSampler) -> None:
+    global _POOL_SAMPLER
+    _POOL_SAMPLER = sampler
+
+
+def guided_inputs(low: np.ndarray, noise: NoiseModel, deconvolution: DeconvolutionGuide,
+                  library: object) -> tuple[np.ndarray, float, float]:
+    """A guided transfer model's input for LOW, as the engine makes it: (channels: LOW, its
+    BM3D estimate, that deconvolved, the noise level), lo, span (VST units)."""
+    estimate = noise.inverse_gat_unbiased(classical_estimate(library, noise.gat(low[None])))
+    return VSTNorm().inputs(low[None], noise, estimate,
+                            deconvolved_estimate(estimate, deconvolution))
+
+
+def _guided_pool_sample(job: tuple[int, int, DeconvolutionGuide]) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+    seed, index, deconvolution = job
+    assert _POOL_SAMPLER is not None
+    low, target, noise = _POOL_SAMPLER.guided_sample(np.random.default_rng([seed, index]))
+    x, lo, span = guided_inputs(low, noise, deconvolution, classical_library(1))
+    return x, VSTNorm().target(target, noise, lo, span)[None]
+
+
+def build_guided_pool(sampler: TransferSampler, n: int, deconvolution: DeconvolutionGuide,
+                      seed: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`n` (inputs, targets) for a guided transfer model, made in `workers` processes (every
+    core by default); sample i comes from seed (seed, i), so the pool does not depend on
+    the number of workers."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    jobs = [(seed, i, deconvolution) for i in range(n)]
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers <= 1:
+        _set_pool_sampler(sampler)
+        samples = [_guided_pool_sample(job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork"),
+                                 initializer=_set_pool_sampler, initargs=(sampler,)) as ex:
+            samples = list(ex.map(_guided_pool_sample, jobs, chunksize=8))
+    return (np.stack([x for x, _ in samples]).astype(np.float32),
+            np.stack([y for _, y in samples]).astype(np.float32))
 
 
 def fit_forward_sigma(pairs: list[tuple[np.ndarray, np.ndarray]], scale: int,
