@@ -518,7 +518,8 @@ def check_endpoint(address: str, *, bind: bool) -> None:
 
 
 #: engines whose options take `allow_unverified` (they load a model file)
-MODEL_ENGINES = ("denoise", "sr2", "transfer", "denoise_hq", "denoise_hq_t5", "model")
+MODEL_ENGINES = ("denoise", "sr2", "transfer", "denoise_hq", "denoise_hq_t5", "sr2_hq",
+                 "transfer_hq", "model")
 
 
 def with_overrides(config: Config, *, engine: str | None = None,

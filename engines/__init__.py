@@ -12,7 +12,7 @@ from typing import Any
 from .base import CameraCalibration, Engine, EngineError, EngineInfo
 
 __all__ = ["CameraCalibration", "Engine", "EngineError", "EngineInfo", "available_engines",
-           "make_engine", "register_engine"]
+           "is_model_engine", "make_engine", "register_engine"]
 
 _ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     "identity": ("dimscope.engines.identity:IdentityEngine", {}),
@@ -58,6 +58,11 @@ def unregister_engine(name: str) -> None:
 
 def available_engines() -> list[str]:
     return list(_ENGINES)
+
+
+def is_model_engine(name: str) -> bool:
+    """Whether engine `name` runs a model file (`ModelEngine`, with its options)."""
+    return name in _ENGINES and _ENGINES[name][0].endswith(":ModelEngine")
 
 
 def make_engine(name: str, **options: Any) -> Engine:

@@ -98,6 +98,15 @@ def test_pools_refuse_another_models_samples(tmp_path: Path) -> None:
     assert inputs.shape == (4, 3, 8, 8)
     with pytest.raises(ValueError, match=r"a\.npz holds bm3d samples with window 1"):
         load_pools([tmp_path / "a.npz"], "bm4d", 5)
+    # a guided transfer pool: one more channel, and the deconvolution it was made with
+    rl = '{"psf_sigma_px": 2.0, "iterations": 15}'
+    with pytest.raises(ValueError, match="3-channel inputs, not 4"):
+        load_pools([tmp_path / "a.npz"], "bm3d", 1, deconvolution=rl)
+    save_pool(tmp_path / "t.npz", np.zeros((2, 4, 8, 8), np.float32), y, "bm3d", 1, "test",
+              deconvolution=rl)
+    assert load_pools([tmp_path / "t.npz"], "bm3d", 1, deconvolution=rl)[0].shape[1] == 4
+    with pytest.raises(ValueError, match="made with deconvolution"):
+        load_pools([tmp_path / "t.npz"], "bm3d", 1, deconvolution=rl.replace("15", "9"))
 
 
 def test_intensity_weights_favour_bright_pixels() -> None:
@@ -277,3 +286,30 @@ def test_train_guided_transfer_refines_bm3d_deconvolved(tmp_path: Path) -> None:
                           str(tmp_path / "x.onnx"), "-q"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "guided transfer model works at --scale 1" in bad.stderr
+
+
+def test_a_guided_transfer_pool_is_made_as_the_engine_makes_its_input(tmp_path: Path) -> None:
+    """Training inputs (`guided_inputs`) and what the engine feeds the network must be the
+    same array for the same frame and noise model, channel by channel."""
+    from dimscope.engines.bm3d_engine import classical_library
+    from dimscope.engines.model_file import DeconvolutionGuide
+    from dimscope.engines.noise_model import NoiseModel
+    from dimscope.engines.training.transfer import guided_inputs
+
+    hp = {"channels": 4, "levels": 1, "scale": 1, "window": 1, "noise_map": True,
+          "guided": True, "deconvolved": True}
+    rl = DeconvolutionGuide(psf_sigma_px=1.7, iterations=9)
+    card = ModelCard(name="thq", task="transfer", arch="restore", hparams=hp, multiple=4,
+                     normalization=VSTNorm().as_dict(), guide="bm3d", deconvolution=rl)
+    model = export_onnx(build_network("restore", **hp), card, tmp_path / "thq.onnx")
+    engine = make_engine("model", model=str(model), runtime="openvino")
+    engine.prepare((48, 48), np.dtype(np.float32), CAM)
+    seen: list[np.ndarray] = []
+    run = engine._run  # type: ignore[attr-defined]
+    engine._run = lambda x: seen.append(x.copy()) or run(x)  # type: ignore[attr-defined]
+    frame = frames(1)[0]
+    engine.process(frame)
+    expected, _, _ = guided_inputs(frame, NoiseModel.from_calibration(CAM), rl,
+                                   classical_library(1))
+    assert seen[0].shape == expected.shape == (4, 48, 48)
+    assert np.allclose(seen[0], expected, atol=1e-5)

@@ -103,28 +103,25 @@ def _then_bicubic(fn: Method) -> Method:
 
 def model_method(model: str, runtime: str = "auto") -> tuple[str, Method]:
     """A model as a method: a model engine's name (`transfer_hq`: its model with the
-    engine's options, e.g. the rotation/flip ensemble), a shipped model or an .onnx path."""
-    from .. import EngineError, available_engines, make_engine
+    engine's options, e.g. the rotation/flip ensemble), a shipped model or an .onnx path.
+    The camera is not known here: noise-aware models estimate its noise from each image."""
+    from .. import is_model_engine, make_engine
     from ..model_engine import ModelEngine
 
-    named = None
-    if model in available_engines():
-        try:
-            named = make_engine(model, runtime=runtime)
-        except EngineError:  # an engine that is not a model (bm3d, identity): not one here
-            named = None
-    engine = named if isinstance(named, ModelEngine) else ModelEngine(model=model,
-                                                                      runtime=runtime)
+    engine = make_engine(model, runtime=runtime) if is_model_engine(model) else ModelEngine(
+        model=model, runtime=runtime)
+    assert isinstance(engine, ModelEngine)
     prepared: dict[str, tuple[int, ...]] = {}
 
     def run(image: np.ndarray) -> np.ndarray:
         if prepared.get("shape") != image.shape:
-            engine.prepare(image.shape, image.dtype, CameraCalibration())
+            engine.prepare(image.shape, image.dtype, CameraCalibration(measured=False))
             prepared["shape"] = image.shape
         return engine.process(image)
 
     run.needs_warmup = True  # type: ignore[attr-defined]  # compile outside the timing
-    return f"{engine.card.name} ({Path(engine.path).name})", run
+    ensemble = ", rotation/flip ensemble" if engine.ensemble else ""
+    return f"{engine.card.name} ({Path(engine.path).name}{ensemble})", run
 
 
 def evaluate(task: str, low: np.ndarray, high: np.ndarray, methods: dict[str, Method],

@@ -74,11 +74,13 @@ def build_pool(sampler: ClipSampler, n: int, guide: Guide, rng: np.random.Genera
 
 
 def save_pool(path: Path, inputs: np.ndarray, targets: np.ndarray, guide: Guide, window: int,
-              source: str, scale: int = 1) -> None:
+              source: str, scale: int = 1, deconvolution: str = "") -> None:
+    """`deconvolution`: a guided transfer pool's Richardson–Lucy settings (JSON), or ""."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, inputs=inputs.astype(np.float32), targets=targets.astype(np.float32),
-             guide=guide, window=window, source=source, scale=scale)
+             guide=guide, window=window, source=source, scale=scale,
+             deconvolution=deconvolution)
     tmp.replace(path)
 
 
@@ -88,9 +90,11 @@ def pool_source(path: Path) -> tuple[str, int]:
         return str(data["source"]), len(data["targets"])
 
 
-def load_pools(paths: list[Path], guide: Guide, window: int, scale: int = 1
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated pools; ValueError naming the file if one was made for another model."""
+def load_pools(paths: list[Path], guide: Guide, window: int, scale: int = 1,
+               deconvolution: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated pools; ValueError naming the file if one was made for another model
+    (another guide, window, scale, input channels or deconvolution)."""
+    channels = window + 2 + int(bool(deconvolution))  # frames, guide, [deconvolved], noise
     xs, ys = [], []
     for path in paths:
         with np.load(path) as data:
@@ -100,6 +104,14 @@ def load_pools(paths: list[Path], guide: Guide, window: int, scale: int = 1
                 raise ValueError(f"pool {path} holds {made[0]} samples with window {made[1]} "
                                  f"at scale {made[2]}, not {guide} with window {window} at "
                                  f"scale {scale}")
+            if data["inputs"].shape[1] != channels:
+                raise ValueError(f"pool {path} holds {data['inputs'].shape[1]}-channel "
+                                 f"inputs, not {channels} (a guided transfer pool has the "
+                                 "deconvolved guide as one more)")
+            saved = str(data["deconvolution"]) if "deconvolution" in data else None
+            if saved is not None and saved != deconvolution:
+                raise ValueError(f"pool {path} was made with deconvolution "
+                                 f"{saved or 'none'}, not {deconvolution or 'none'}")
             xs.append(data["inputs"])
             ys.append(data["targets"])
     if not xs:

@@ -11,6 +11,10 @@ to restore in the units the camera gives it. Checkpoints are written every
 existing model file (fine-tuning on one's own sample). `transfer` learns a second
 modality from registered and simulated two-instrument pairs instead (`transfer.py`), with
 an L1 + SSIM loss; its card records both modalities, the pairs and the forward model.
+Guided models (`--guide`: `guided.py`, and for transfer `transfer.py`) train from a fixed
+pool with squared error weighted to measure intensity (`intensity_weights`, what PSNR
+measures): for a guided transfer model that replaces L1 + SSIM (`--ssim-weight` is not used),
+and its card says so.
 """
 
 from __future__ import annotations
@@ -48,7 +52,15 @@ from .guided import (
     pool_source,
     save_pool,
 )
-from .transfer import TransferSampler, build_guided_pool, ssim_loss
+from .transfer import (
+    GUIDED_ESTIMATED,
+    GUIDED_GAIN,
+    GUIDED_OFFSET,
+    GUIDED_READ_NOISE,
+    TransferSampler,
+    build_guided_pool,
+    ssim_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +255,16 @@ def validate_clips(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndar
     return float(np.mean(values))
 
 
+def pool_camera(settings: TrainSettings) -> dict[str, Any]:
+    """The cameras a guided pool's samples were recorded with (for the card)."""
+    if settings.task == "transfer":
+        return {"gain_adu_per_e": GUIDED_GAIN, "offset_adu": GUIDED_OFFSET,
+                "read_noise_e": GUIDED_READ_NOISE, "photons": list(settings.photons),
+                "noise_model_estimated_share": GUIDED_ESTIMATED,
+                "otherwise": "the calibration with its gain off by ~10 %"}
+    return {**asdict(POOL_CAMERA), "perturbed": POOL_PERTURBED}
+
+
 def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator,
                    transfer: TransferSampler | None = None,
                    deconvolution: DeconvolutionGuide | None = None) -> GuidedBatches:
@@ -253,9 +275,10 @@ def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator,
 
     guide = settings.guide
     assert guide is not None
+    rl = deconvolution.model_dump_json() if deconvolution is not None else ""
     if settings.pool_files:
         inputs, targets = load_pools([Path(p) for p in settings.pool_files], guide,
-                                     settings.window, settings.scale)
+                                     settings.window, settings.scale, rl)
     else:
         saved = out.with_suffix(".pool.npz")
         source = " ".join(settings.data + settings.movies) or "simulated"
@@ -271,7 +294,8 @@ def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator,
         reuse = saved.is_file() and pool_source(saved) == (source, settings.pool)
         if reuse:
             try:
-                inputs, targets = load_pools([saved], guide, settings.window, settings.scale)
+                inputs, targets = load_pools([saved], guide, settings.window, settings.scale,
+                                             rl)
             except ValueError:  # made for another guide, window or scale
                 reuse = False
         if not reuse and transfer is not None:
@@ -280,7 +304,8 @@ def guided_batches(settings: TrainSettings, out: Path, rng: np.random.Generator,
             log.info("making %d bm3d-guided transfer samples (seconds each)", settings.pool)
             inputs, targets = build_guided_pool(transfer, settings.pool, deconvolution,
                                                 settings.seed)
-            save_pool(saved, inputs, targets, guide, settings.window, source, settings.scale)
+            save_pool(saved, inputs, targets, guide, settings.window, source, settings.scale,
+                      rl)
         elif not reuse:
             saved.unlink(missing_ok=True)  # made from other data: make it again
             movies = [m for f in tif_files(settings.movies) for m in movie_channels(f)]
@@ -534,6 +559,8 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
                 raise ValueError("a guided transfer model works at --scale 1")
             deconvolution = DeconvolutionGuide(psf_sigma_px=settings.rl_sigma_px,
                                                iterations=settings.rl_iterations)
+            if settings.init and init_card.deconvolution is not None:
+                deconvolution = init_card.deconvolution  # fine-tuning keeps its base
             hparams["deconvolved"] = True
         settings.vst = True
         hparams["guided"] = True
@@ -631,8 +658,7 @@ def train(settings: TrainSettings, out: Path, checkpoint: Path | None = None,
                   "seconds_this_session": round(time.monotonic() - started, 1),
                   "torch": torch.__version__,
                   # guided pools: the cameras their samples were degraded with
-                  **({"pool_camera": {**asdict(POOL_CAMERA), "perturbed": POOL_PERTURBED}}
-                     if settings.guide else {}),
+                  **({"pool_camera": pool_camera(settings)} if settings.guide else {}),
                   "date": time.strftime("%Y-%m-%d"),
                   # how the starting point was made, so the card tells the whole recipe
                   **({"fine_tuned_from": {"version": init_card.version,

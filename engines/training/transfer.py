@@ -25,7 +25,8 @@ each sample from its own seed) and saved beside the model. Its simulated pairs a
 by a random camera (gain, offset, read noise); the noise model handed to the VST is, per
 sample, estimated from LOW itself (as for an uncalibrated camera) or the calibration off by
 ~10 %. The target is HIGH in LOW's units: light conserved for simulated pairs; for
-registered pairs HIGH fitted affinely to LOW through the forward blur.
+registered pairs HIGH fitted affinely to LOW after the simulated optics' relative blur
+(LOW's background then stays in the fitted offset).
 """
 
 from __future__ import annotations
@@ -296,7 +297,9 @@ def build_guided_pool(sampler: TransferSampler, n: int, deconvolution: Deconvolu
     from multiprocessing import get_context
 
     jobs = [(seed, i, deconvolution) for i in range(n)]
-    workers = workers or len(os.sched_getaffinity(0))
+    if not workers:
+        workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
     if workers <= 1:
         _set_pool_sampler(sampler)
         samples = [_guided_pool_sample(job) for job in jobs]
