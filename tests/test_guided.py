@@ -221,14 +221,23 @@ def test_train_guided_sr2_refines_bm3d_at_the_camera_sampling(tmp_path: Path) ->
         assert data["targets"].shape == (6, 1, 64, 64) and int(data["scale"]) == 2
     with pytest.raises(ValueError, match="at scale 2, not bm3d with window 1 at scale 1"):
         load_pools([pool], "bm3d", 1)
+    restored = runs_and_refuses(out, cmd, tmp_path, ["--guide", "bm4d", "--window", "3"],
+                                "guided sr2 model takes --guide bm3d")
+    assert restored.shape == (96, 80)
+
+
+def runs_and_refuses(out: Path, cmd: list[str], tmp_path: Path, bad_args: list[str],
+                     message: str) -> np.ndarray:
+    """The trained model's ensemble output for a 48×40 frame (finite); and the same
+    training command with `bad_args` must exit 2 saying `message`."""
     engine = make_engine("model", model=str(out), ensemble=True)
     engine.prepare((48, 40), np.dtype(np.float32), CAM)
     restored = engine.process(frames(1)[0][:, :40])
-    assert restored.shape == (96, 80) and np.isfinite(restored).all()
-    bad = subprocess.run([*cmd[:len(CLI) + 2], "--guide", "bm4d", "--window", "3", "--out",
-                          str(tmp_path / "x.onnx"), "-q"], capture_output=True, text=True,
-                         timeout=120)
-    assert bad.returncode == 2 and "guided sr2 model takes --guide bm3d" in bad.stderr
+    assert np.isfinite(restored).all()
+    bad = subprocess.run([*cmd[:len(CLI) + 2], *bad_args, "--out", str(tmp_path / "x.onnx"),
+                          "-q"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and message in bad.stderr
+    return restored
 
 
 def test_a_zero_residual_guided_transfer_gives_back_bm3d_deconvolved(tmp_path: Path) -> None:
@@ -278,14 +287,9 @@ def test_train_guided_transfer_refines_bm3d_deconvolved(tmp_path: Path) -> None:
     assert card.transfer.forward_psf_sigma_px > 0  # the trust check's forward model
     with np.load(out.with_suffix(".pool.npz")) as data:
         assert data["inputs"].shape == (6, 4, 32, 32) and data["targets"].shape == (6, 1, 32, 32)
-    engine = make_engine("model", model=str(out), ensemble=True)
-    engine.prepare((48, 40), np.dtype(np.float32), CAM)
-    restored = engine.process(frames(1)[0][:, :40])
-    assert restored.shape == (48, 40) and np.isfinite(restored).all()
-    bad = subprocess.run([*cmd[:len(CLI) + 2], "--guide", "bm3d", "--scale", "2", "--out",
-                          str(tmp_path / "x.onnx"), "-q"], capture_output=True, text=True,
-                         timeout=120)
-    assert bad.returncode == 2 and "guided transfer model works at --scale 1" in bad.stderr
+    restored = runs_and_refuses(out, cmd, tmp_path, ["--guide", "bm3d", "--scale", "2"],
+                                "guided transfer model works at --scale 1")
+    assert restored.shape == (48, 40)
 
 
 def test_a_guided_transfer_pool_is_made_as_the_engine_makes_its_input(tmp_path: Path) -> None:
