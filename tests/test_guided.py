@@ -316,4 +316,9 @@ def test_a_guided_transfer_pool_is_made_as_the_engine_makes_its_input(tmp_path: 
     expected, _, _ = guided_inputs(frame, NoiseModel.from_calibration(CAM), rl,
                                    classical_library(1))
     assert seen[0].shape == expected.shape == (4, 48, 48)
-    assert np.allclose(seen[0], expected, atol=1e-5)
+    # The raw frame and the noise level must match exactly; the BM3D estimate and its
+    # deconvolution only to BM3D's own run-to-run rounding (its FFT plans change between
+    # calls: ~1e-5 here, more on other CPUs), far below what a wrong step would change.
+    assert np.array_equal(seen[0][[0, 3]], expected[[0, 3]])
+    assert np.allclose(seen[0][1:3], expected[1:3], atol=1e-3)
+    assert not np.allclose(expected[1], expected[2], atol=1e-2)  # RL did change the guide
