@@ -140,7 +140,7 @@ def main() -> None:
             run = sorted(runs, key=lambda x: float(x["fps"]))[len(runs) // 2]  # type: ignore[arg-type]
             ratio = float(run["fps"]) / bare_fps  # type: ignore[arg-type]
             lost = sum(int(x["lost"]) for x in runs)  # type: ignore[call-overload]
-            pairs = [float(x["fps"]) / b for x, (b, _) in zip(runs, bares)]  # type: ignore[arg-type]
+            pairs = [float(x["fps"]) / b for x, (b, _) in zip(runs, bares, strict=True)]  # type: ignore[arg-type]
             rows.append({"size": size, "exposure_ms": exposure, "bare_fps": bare_fps,
                          "bare_overflow": overflow, "dimscope": run, "ratio": ratio,
                          "lost": lost, "pair_ratios": pairs})
