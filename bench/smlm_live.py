@@ -48,9 +48,9 @@ from dimscope.smlm.localize import LocalizerSettings, SmappyLocalizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config(runs: Path, fps: float) -> Any:
+def config(runs: Path, fps: float, threads: int = 0) -> Any:
     cam = offline.CAM
-    stages = [{"kind": "localize", "name": "localize"},
+    stages = [{"kind": "localize", "name": "localize", "threads": threads},
               {"kind": "publish", "name": "publish_localizations", "upstream": "localize",
                "topic": "localizations"},
               {"kind": "render", "name": "render", "upstream": "localize",
@@ -86,10 +86,12 @@ def main() -> int:
                     help="archived frames the batch rates are measured on")
     ap.add_argument("--batch-repeats", type=int, default=5,
                     help="batch measurements of each kind (median reported)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="the live node's fit threads (0: its default, one per core)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "smlm_live")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = Pipeline(config(Path(tmp) / "runs", args.fps))
+        pipeline = Pipeline(config(Path(tmp) / "runs", args.fps, args.threads))
         pipeline.start()
         pipeline.wait(duration_s=args.seconds)
         before = pipeline.summary().to_dict()["stages"]["localize"]  # lag as acquisition ends
@@ -122,6 +124,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
         f"{len(__import__('os').sched_getaffinity(0))} CPU cores",
         "seconds": args.seconds, "fps": args.fps, "shape": list(stack.shape[1:]),
+        "live_fit_threads": args.threads or "one per core",
         "acquired": summary["acquired"], "archived": summary["archived"],
         "acquired_fps_first_to_last_frame": round(acquired_fps, 1),
         "frames_localized": loc["frames_localized"], "not_localized": loc["not_localized"],
