@@ -83,15 +83,14 @@ def test_a_slow_gui_shows_the_newest_frame_and_counts_its_drops(
                        engine={"name": "identity"})
     widget = DimscopeWidget(viewer, address=pipeline.publish_endpoint or "",
                             control_address="tcp://127.0.0.1:9")
-    lags_ms: list[float] = []
+    shown_ids: list[int] = []
 
     def slow_paint() -> None:
         time.sleep(0.15)  # a GUI thread busy with something else
         widget.paint()
         raw = widget._shown.get("raw")
-        if raw is not None:
-            # the newest published frame was acquired at most now: an upper bound
-            lags_ms.append((time.time_ns() - raw.acquired_unix_ns) / 1e6)
+        if raw is not None and (not shown_ids or raw.header["frame_id"] != shown_ids[-1]):
+            shown_ids.append(int(raw.header["frame_id"]))
 
     try:
         widget.connect_stream()
@@ -105,8 +104,11 @@ def test_a_slow_gui_shows_the_newest_frame_and_counts_its_drops(
     finally:
         widget.disconnect_stream()
         summary = pipeline.stop()
-    assert len(lags_ms) >= 10
-    assert max(lags_ms[2:]) <= 100.0, sorted(lags_ms)[-5:]
+    assert len(shown_ids) >= 10
+    # Each paint jumps to the newest frame: ~30 frames arrive during a 0.15 s paint at
+    # 200 frames/s, so a display working through a backlog would step by 1 instead.
+    steps = np.diff(shown_ids[2:])
+    assert steps.min() >= 5, shown_ids
     assert dropped_after > dropped_before + 50  # ~20 frames arrive per slow paint
     assert summary.acquired == summary.archived  # the daemon was never slowed into losses
 
