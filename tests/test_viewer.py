@@ -105,7 +105,7 @@ def test_a_slow_gui_shows_the_newest_frame_and_counts_its_drops(
         widget.disconnect_stream()
         summary = pipeline.stop()
     assert len(shown_ids) >= 10
-    # Each paint jumps to the newest frame: ~30 frames arrive during a 0.15 s paint at
+    # Each paint jumps to the newest frame: tens of frames arrive during a 0.15 s paint at
     # 200 frames/s, so a display working through a backlog would step by 1 instead.
     steps = np.diff(shown_ids[2:])
     assert steps.min() >= 5, shown_ids
