@@ -155,7 +155,8 @@ def main() -> None:
                   f"{run['archive_max_depth']} | subscriber got {run['subscriber']} | "
                   f"medians of {args.repeats}; pair ratios "
                   + " ".join(f"{x:.3f}" for x in pairs)
-                  + (f" | ERROR {run['error']}" if run["error"] else ""), flush=True)
+                  + "".join(f" | ERROR (repeat {k + 1}) {x['error']}"
+                            for k, x in enumerate(runs) if x["error"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
