@@ -58,7 +58,8 @@ def eager_runner(net, card, cal: CameraCalibration):  # type: ignore[no-untyped-
     def run(frame: np.ndarray) -> np.ndarray:
         if isinstance(card_norm, VSTNorm):
             noise = NoiseModel.from_calibration(cal)
-            x, lo, span = card_norm.inputs(np.stack([frame] * card.window), noise)
+            # The frame transformed once, as the engine transforms each frame once.
+            x, lo, span = card_norm.inputs_transformed([noise.gat(frame)] * card.window, noise)
             return card_norm.invert(net(torch.from_numpy(x)[None])[0, 0].numpy(), noise, lo,
                                     span)
         lo, hi = card_norm.bounds(frame)

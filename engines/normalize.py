@@ -13,6 +13,7 @@ model (see its docstring).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,16 +90,26 @@ class VSTNorm:
                deconvolved: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
         """(K+1, H, W) network input for a (K, H, W) window (K+2 with a guide, K+3 with the
         guide's deconvolution too, in ADU like the guide); with its (lo, span)."""
+        return self.inputs_transformed(list(noise.gat(window)), noise, guide, deconvolved)
+
+    def inputs_transformed(self, transformed: Sequence[np.ndarray], noise: NoiseModel,
+                           guide: np.ndarray | None = None,
+                           deconvolved: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, float, float]:
+        """`inputs` for a window already through `noise.gat`, frame by frame (a live engine
+        transforms each frame once, not once per window it is in)."""
         if deconvolved is not None and guide is None:
             raise ValueError("a deconvolved channel comes with a guide")
-        f = noise.gat(window)
-        lo, hi = np.percentile(f[-1, :: self.stride, :: self.stride], [self.low, self.high])
+        newest = transformed[-1]
+        lo, hi = np.percentile(newest[:: self.stride, :: self.stride], [self.low, self.high])
         lo, span = float(lo), max(float(hi - lo), 1.0)  # at least one noise s.d. of range
-        k = f.shape[0]
+        k = len(transformed)
         extra = [a for a in (guide, deconvolved) if a is not None]
-        out = np.empty((k + 1 + len(extra), *f.shape[1:]), np.float32)
-        np.subtract(f, np.float32(lo), out=out[:k])
-        out[:k] *= np.float32(1.0 / span)
+        out = np.empty((k + 1 + len(extra), *newest.shape), np.float32)
+        scale = np.float32(1.0 / span)
+        for i, frame in enumerate(transformed):
+            np.subtract(frame, np.float32(lo), out=out[i])
+            out[i] *= scale
         for i, image in enumerate(extra):
             out[k + i] = self.target(image, noise, lo, span)
         out[-1] = np.float32(1.0 / span)

@@ -52,7 +52,8 @@ def run_tiled(image: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], *, tile
     height, width = stack.shape[1:]
     if height <= tile and width <= tile:
         ph, pw = round_up(height, multiple), round_up(width, multiple)
-        padded = np.pad(stack, ((0, 0), (0, ph - height), (0, pw - width)), mode="reflect")
+        padded = stack if (ph, pw) == (height, width) else np.pad(
+            stack, ((0, 0), (0, ph - height), (0, pw - width)), mode="reflect")
         out = fn(padded[None])
         return np.ascontiguousarray(out[0, 0, :height * scale, :width * scale])
     tile, core = tile_geometry(height, width, tile, halo, multiple)

@@ -126,6 +126,36 @@ def test_temporal_engine_restores_each_frame_from_its_causal_window(temporal_mod
     assert np.allclose(engine.process(frames[4]), _single(temporal_model, frames[4]), atol=1e-3)
 
 
+def test_a_new_noise_model_mid_stream_transforms_the_whole_window_again(temporal_model: Path
+                                                                        ) -> None:
+    """The engine transforms each frame once and reuses it while the frame is in the
+    window; a noise model that changes (refined from the data) must apply to every
+    frame of the window, not only to frames that arrive after the change."""
+    rng = np.random.default_rng(5)
+    frames = [camera(blobs(t, 40, 44), 20.0, rng) for t in range(5)]
+    engine = make_engine("model", model=str(temporal_model), runtime="openvino")
+    engine.prepare(frames[0].shape, np.dtype(np.float32), CAM)
+    for frame in frames[:3]:
+        engine.process(frame)
+    assert engine.noise is not None
+    calibrated = NoiseModel.from_calibration(CAM)
+    changed = NoiseModel(alpha=calibrated.alpha * 1.5, beta=calibrated.beta)
+    engine.noise.model = changed
+    out = engine.process(frames[3])
+    reference = make_engine("model", model=str(temporal_model), runtime="openvino")
+    reference.prepare(frames[0].shape, np.dtype(np.float32), CAM)
+    assert reference.noise is not None
+    reference.noise.model = changed
+    for frame in frames[1:4]:
+        expected = reference.process(frame)  # a window transformed wholly with `changed`
+    assert np.allclose(out, expected, atol=1e-4 * float(np.std(expected)))
+    calibrated_run = make_engine("model", model=str(temporal_model), runtime="openvino")
+    calibrated_run.prepare(frames[0].shape, np.dtype(np.float32), CAM)
+    for frame in frames[1:4]:
+        unchanged = calibrated_run.process(frame)
+    assert not np.allclose(out, unchanged, atol=1e-2 * float(np.std(expected)))  # it matters
+
+
 def _single(model: Path, frame: np.ndarray) -> np.ndarray:
     engine = make_engine("model", model=str(model), runtime="openvino")
     engine.prepare(frame.shape, np.dtype(np.float32), CAM)

@@ -72,8 +72,11 @@ class OpenVINORuntime:
 
     def run(self, *inputs: np.ndarray) -> np.ndarray:
         assert self._request is not None, "compile() first"
-        result = self._request.infer(list(inputs))
-        return np.asarray(result[0], dtype=np.float32)
+        # The inputs are read in place (no copy into OpenVINO's tensors: ~1 ms of a 6-channel
+        # 512² window); the output is copied, as the next call overwrites its tensor.
+        result = self._request.infer([np.ascontiguousarray(a, dtype=np.float32) for a in inputs],
+                                     share_inputs=True)
+        return np.array(result[0], dtype=np.float32)
 
     def close(self) -> None:
         self._request = None
