@@ -159,31 +159,40 @@ class InterpNet(nn.Module):
         self.residual = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.PixelShuffle(4))
 
     @staticmethod
-    def _warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        _, _, h, w = image.shape
-        ys = torch.linspace(-1.0, 1.0, h, dtype=image.dtype, device=image.device)
-        xs = torch.linspace(-1.0, 1.0, w, dtype=image.dtype, device=image.device)
+    def _warp_both(frame0: torch.Tensor, frame1: torch.Tensor, flows: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward-warp each frame by its flow (`flows`: frame0's then frame1's, in pixels).
+
+        Both warps are one grid sampling over a batch of 2n images, the grid built channels
+        first and transposed once: the same numbers as two samplings with channel-last
+        grids stacked per flow, but OpenVINO ran that graph 2-3x slower (its full-resolution
+        concatenations and two upsamplings dominated the convolutions)."""
+        n, _, h, w = frame0.shape
+        ys = torch.linspace(-1.0, 1.0, h, dtype=frame0.dtype, device=frame0.device)
+        xs = torch.linspace(-1.0, 1.0, w, dtype=frame0.dtype, device=frame0.device)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        # flow is in pixels; grid_sample wants [-1, 1] coordinates (align_corners=True).
-        fx = flow[:, 0] * (2.0 / max(w - 1, 1))
-        fy = flow[:, 1] * (2.0 / max(h - 1, 1))
-        grid = torch.stack((gx[None] + fx, gy[None] + fy), dim=-1)
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="border",
-                             align_corners=True)
+        f = flows.reshape(2 * n, 2, h, w)
+        # flow is in pixels; grid_sample wants [-1, 1] coordinates (align_corners=True), x
+        # then y. (Scalars from the traced shape, not a tensor of them: that would be
+        # frozen into the exported graph at the example's size.)
+        grid = torch.cat((f[:, 0:1] * (2.0 / max(w - 1, 1)) + gx,
+                          f[:, 1:2] * (2.0 / max(h - 1, 1)) + gy), dim=1).permute(0, 2, 3, 1)
+        images = torch.stack((frame0, frame1), dim=1).reshape(2 * n, 1, h, w)
+        warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                               align_corners=True).reshape(n, 2, h, w)
+        return warped[:, 0:1], warped[:, 1:2]
 
     def forward(self, frame0: torch.Tensor, frame1: torch.Tensor, t: torch.Tensor
                 ) -> torch.Tensor:
         x = torch.cat([F.pixel_unshuffle(frame0, 4), F.pixel_unshuffle(frame1, 4)], dim=1)
         tmap = t.expand(x.shape[0], 1, x.shape[2], x.shape[3])
         h = self.body(torch.cat([x, tmap], dim=1))
-        out = self.flow(h)
-        # Prior: linear motion, so the two flows start from -t and (1-t) times one flow.
-        flow = F.interpolate(out[:, :4], scale_factor=4.0, mode="bilinear",
-                             align_corners=False) * 4.0
-        mask = torch.sigmoid(F.interpolate(out[:, 4:5], scale_factor=4.0, mode="bilinear",
-                                           align_corners=False))
-        warped0 = self._warp(frame0, flow[:, 0:2])
-        warped1 = self._warp(frame1, flow[:, 2:4])
+        # Two flows (4 channels) and the mask logit, upsampled together.
+        out = F.interpolate(self.flow(h), scale_factor=4.0, mode="bilinear",
+                            align_corners=False)
+        flow = out[:, :4] * 4.0
+        mask = torch.sigmoid(out[:, 4:5])
+        warped0, warped1 = self._warp_both(frame0, frame1, flow)
         return mask * warped0 + (1.0 - mask) * warped1 + self.residual(h)
 
 
