@@ -114,7 +114,7 @@ def run_facts(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def restore_psnr(model: Path, noisy: np.ndarray, truth: np.ndarray) -> float:
-    engine = make_engine("model", model=str(model), runtime="openvino")
+    engine = make_engine("model", model=str(model), runtime="openvino", precision="fp32")
     engine.prepare(noisy.shape[1:], np.dtype(np.float32), gen.CAMERA)
     values = []
     for t, frame in enumerate(noisy):

@@ -285,7 +285,7 @@ class Model:
 
     def run(self, frames: list[np.ndarray], cal: CameraCalibration) -> np.ndarray:
         extra = {"guide_window": self.guide_window} if self.guide_window else {}
-        engine = make_engine("model", model=str(self.path), runtime="openvino",
+        engine = make_engine("model", model=str(self.path), runtime="openvino", precision="fp32",
                              ensemble=self.ensemble, **extra)
         engine.prepare(frames[-1].shape, np.dtype(np.float32), cal)
         for f in frames[:-1]:  # context only: nobody needs these outputs

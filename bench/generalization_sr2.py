@@ -154,7 +154,8 @@ def evaluate_fold(fold: int, photons: list[float], side: int, frames_per_movie: 
 
     model = model_path(fold, template)
     tag = f"{model.name}@{file_digest(model)}{'+ens' if ensemble else ''}"
-    engine = make_engine("model", model=str(model), runtime="openvino", ensemble=ensemble)
+    engine = make_engine("model", model=str(model), runtime="openvino", precision="fp32",
+                         ensemble=ensemble)
     bm3d = make_engine("bm3d")
     rows = []
     for ds in (d for d in lodo.DATASETS if d.fold == fold and d.kind in ("image", "movie")):

@@ -153,7 +153,7 @@ def speed(model: str, repeat: int = 10) -> dict:
 
     from dimscope.engines.runtime.pytorch import network_from_file
 
-    engine = make_engine("transfer", model=model)
+    engine = make_engine("transfer", model=model, precision="fp32")
     rng = np.random.default_rng(0)
     raw = (rng.poisson(40, (512, 512)) * 1.3 + 100).astype(np.float32)
     engine.prepare(raw.shape, raw.dtype, CAMERA)

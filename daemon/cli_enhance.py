@@ -196,13 +196,18 @@ def cmd_enhance(args: argparse.Namespace) -> int:
             options["model"] = args.model
         if args.runtime:
             options["runtime"] = args.runtime
+        if engine_name in MODEL_ENGINES:
+            options["precision"] = args.precision
         if args.allow_unverified_model and engine_name in MODEL_ENGINES:
             options["allow_unverified"] = True
         if engine_name is not None:
             options = validate_options(engine_name, options)
             make_engine(engine_name, **options).close()  # a bad name or model fails here
-        interp_options = ({"allow_unverified": True} if args.allow_unverified_model
-                          and args.interp_method == "model" else {})
+        interp_options: dict[str, Any] = {}
+        if args.interp_method == "model":
+            interp_options["precision"] = args.precision
+            if args.allow_unverified_model:
+                interp_options["allow_unverified"] = True
         interpolator = (make_interpolator(args.interp_method, **interp_options)
                         if args.interpolate > 1 else None)
     except (ValueError, EngineError, FileNotFoundError) as exc:
@@ -292,6 +297,9 @@ def add_enhance_parser(sub: Any) -> None:
                         "vst_gaussian, identity, model, or none (interpolate the raw frames)")
     e.add_argument("--model", default=None, help="model name or .onnx path (engine model)")
     e.add_argument("--runtime", default=None, help="runtime for model engines (default auto)")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="model engines' precision: offline, FP32 unless asked (the live "
+                   "engine's `auto` takes BF16 where the CPU computes it natively)")
     e.add_argument("--interpolate", type=int, default=1, choices=[1, 2, 3, 4, 8],
                    help="N: synthesise N−1 frames between each pair ((T−1)·N+1 frames out)")
     e.add_argument("--interp-method", default="model",

@@ -13,6 +13,7 @@ import tifffile
 
 from dimscope.daemon.archive import read_index
 from dimscope.daemon.cli import main
+from dimscope.engines.runtime.openvino_cpu import native_bf16
 
 from .conftest import make_config, run_and_record
 from .test_engines import _export_fresh
@@ -38,7 +39,8 @@ def test_sr2_stream_is_twice_the_size_and_says_so_while_raw_archive_is_unchanged
     for h, px in enhanced:
         assert px.shape == (192, 256) and h["shape"] == [192, 256] and h["scale"] == 2
         assert h["pixel_size_um"] == pytest.approx(raw[0][0]["pixel_size_um"] / 2)
-        assert h["engine"]["runtime"] == "openvino" and h["engine"]["precision"] == "fp32"
+        assert h["engine"]["runtime"] == "openvino"
+        assert h["engine"]["precision"] == ("bf16" if native_bf16() else "fp32")
         assert h["engine"]["version"].endswith(summary["engine_info"]["version"].split("+")[1])
     archived, _torn = read_index(Path(summary["run_dir"]))
     assert len(archived) == summary["acquired"]

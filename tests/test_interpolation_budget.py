@@ -14,6 +14,7 @@ from dimscope.engines.interpolators import make_interpolator
 from dimscope.engines.model_file import ModelCard, read_card
 from dimscope.engines.nets import build_network
 from dimscope.engines.runtime import open_runtime
+from dimscope.engines.runtime.openvino_cpu import native_bf16
 from dimscope.engines.training.export import export_onnx
 
 from .conftest import make_config, run_and_record
@@ -64,9 +65,14 @@ def test_interpolation_model_exports_to_onnx_and_matches_torch(tmp_path: Path) -
     with torch.no_grad():
         want = net(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(t)).numpy()
     for kind in ("onnxruntime", "openvino"):
-        rt = open_runtime(kind, path, read_card(path))
+        rt = open_runtime(kind, path, read_card(path), "fp32")
         rt.compile(a.shape)  # type: ignore[arg-type]
         assert np.abs(rt.run(a, b, t) - want).max() < 1e-4, kind
+    # `auto`: BF16 exactly where the CPU computes it natively, and then close to FP32.
+    rt = open_runtime("openvino", path, read_card(path))
+    rt.compile(a.shape)  # type: ignore[arg-type]
+    assert rt.precision == ("bf16" if native_bf16() else "fp32")
+    assert np.abs(rt.run(a, b, t) - want).max() < (2e-2 if native_bf16() else 1e-4)
     interp = make_interpolator("model", model=str(path), runtime="onnxruntime")
     interp.prepare((45, 61))  # not a multiple of 4: padded inside, cropped back
     assert interp.between(a[0, 0, :45, :61] * 100, b[0, 0, :45, :61] * 100, 0.5).shape == (45, 61)

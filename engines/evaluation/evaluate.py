@@ -108,8 +108,9 @@ def model_method(model: str, runtime: str = "auto") -> tuple[str, Method]:
     from .. import is_model_engine, make_engine
     from ..model_engine import ModelEngine
 
-    engine = make_engine(model, runtime=runtime) if is_model_engine(model) else ModelEngine(
-        model=model, runtime=runtime)
+    # Quality is measured in FP32 (`auto` would take BF16 on CPUs that have it).
+    engine = (make_engine(model, runtime=runtime, precision="fp32") if is_model_engine(model)
+              else ModelEngine(model=model, runtime=runtime, precision="fp32"))
     assert isinstance(engine, ModelEngine)
     prepared: dict[str, tuple[int, ...]] = {}
 
@@ -225,7 +226,7 @@ def run_eval_interp(stack: np.ndarray, factor: int, models: list[str], runtime: 
                                "linear": make_interpolator("linear"),
                                "flow": make_interpolator("flow")}
     for model in models:
-        interp = make_interpolator("model", model=model, runtime=runtime)
+        interp = make_interpolator("model", model=model, runtime=runtime, precision="fp32")
         methods[f"{interp.info.name} ({Path(str(model)).name})"] = interp
     results: dict[str, Any] = {}
     for name, interp in methods.items():

@@ -3,8 +3,10 @@
 Measured on this project's 2-core CI machine kind (`bench/engines.py`): a
 static-shape compile is ~10% faster than a dynamic one, and OpenVINO FP32 is
 ~15-20% faster than onnxruntime FP32 for these networks. `precision="bf16"`
-asks for bfloat16 inference where the CPU supports it (AVX-512 BF16 / AMX);
-the precision actually used is read back from the compiled model.
+asks for bfloat16 inference where the CPU supports it (AVX-512 BF16 / AMX), and
+`auto` leaves the choice to OpenVINO, which takes BF16 on such CPUs and FP32
+elsewhere (measured here: 512² `denoise` 25 -> 15 ms, 0.007 dB from FP32); the
+precision actually used is read back from the compiled model and reported.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def precision_name(value: object) -> str:
     return "fp32"
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), as OpenVINO sees
+    it: there `precision = "auto"` runs BF16 (OpenVINO's own default), elsewhere FP32."""
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in [str(c).upper() for c in capabilities]
+
+
 class OpenVINORuntime:
     name = "openvino"
 
@@ -64,8 +73,9 @@ class OpenVINORuntime:
                               ) from None
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY",
                                      "INFERENCE_NUM_THREADS": self.threads}
-        hint = _PRECISIONS[self.requested] or "f32"
-        config["INFERENCE_PRECISION_HINT"] = hint
+        hint = _PRECISIONS[self.requested]
+        if hint is not None:  # auto: OpenVINO chooses, bf16 where the CPU computes it natively
+            config["INFERENCE_PRECISION_HINT"] = hint
         compiled = self.core.compile_model(model, "CPU", config)
         self.precision = precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         self._request = compiled.create_infer_request()
