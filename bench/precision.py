@@ -36,7 +36,7 @@ PHOTONS = (5.0, 20.0, 100.0)
 SIDE = 256
 
 
-def test_images() -> list[tuple[str, np.ndarray]]:
+def real_images() -> list[tuple[str, np.ndarray]]:
     images: list[tuple[str, np.ndarray]] = []
     for ds in lodo.DATASETS:
         if ds.kind == "image":
@@ -51,7 +51,7 @@ def denoise_rows() -> list[dict[str, object]]:
     engines = {p: make_engine("denoise", runtime="openvino", precision=p)
                for p in ("fp32", "bf16")}
     rows: list[dict[str, object]] = []
-    for name, clean in test_images():
+    for name, clean in real_images():
         for photons in PHOTONS:
             noisy, truth = gen.degrade(clean, photons, gen.seed_of(name, photons))
             psnr = {}
